@@ -1,0 +1,63 @@
+"""crvlm: configurable refusal for vision-language models by activation steering.
+
+The two lines most applications need::
+
+    steerer = Steerer.from_bundle(model, "bundle/", processor)
+    answers = steerer.generate(["What is in this picture?"], images=["cat.png"])
+"""
+
+from crvlm_sdk._version import __version__
+from crvlm_sdk.backbones import adapter_for
+from crvlm_sdk.bundle import Bundle, BundleWarning, GateSpec, Manifest, PolicySummary
+from crvlm_sdk.capture import ActivationStats, capture
+from crvlm_sdk.errors import AdapterError, BundleError, CrvlmError, ModelLoadError, PluginError
+from crvlm_sdk.hookspecs import hookimpl
+from crvlm_sdk.interfaces import (
+    BackboneAdapter,
+    Fingerprint,
+    Gate,
+    LayerChoice,
+    LayerLocator,
+    PromptBatch,
+    RefusalJudge,
+    Sample,
+    VectorExtractor,
+    VisualAligner,
+)
+from crvlm_sdk.models import load_model
+from crvlm_sdk.plugins import PluginManager, get_plugin_manager
+from crvlm_sdk.prompts import ChatTemplateAdapter
+from crvlm_sdk.steerer import Steerer
+
+__all__ = [
+    "ActivationStats",
+    "AdapterError",
+    "BackboneAdapter",
+    "Bundle",
+    "BundleError",
+    "BundleWarning",
+    "ChatTemplateAdapter",
+    "CrvlmError",
+    "Fingerprint",
+    "Gate",
+    "GateSpec",
+    "LayerChoice",
+    "LayerLocator",
+    "Manifest",
+    "ModelLoadError",
+    "PluginError",
+    "PluginManager",
+    "PolicySummary",
+    "PromptBatch",
+    "RefusalJudge",
+    "Sample",
+    "Steerer",
+    "VectorExtractor",
+    "VisualAligner",
+    "__version__",
+    "adapter_for",
+    "capture",
+    "get_plugin_manager",
+    "hookimpl",
+    "load_model",
+]

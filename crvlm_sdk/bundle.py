@@ -1,0 +1,300 @@
+"""The refusal bundle: ``manifest.json`` + ``tensors.safetensors`` in one directory.
+
+Loading never unpickles anything: tensors come from safetensors, metadata from JSON validated
+by pydantic, and the tensor file's sha256 is checked against the manifest before it is
+parsed. Saving writes into a sibling temporary directory and renames it into place, so a
+crash leaves either the old bundle or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from crvlm_sdk._version import __version__
+from crvlm_sdk.errors import BundleError
+from crvlm_sdk.interfaces import BackboneAdapter, Fingerprint, Gate
+from crvlm_sdk.plugins import PluginManager, get_plugin_manager
+
+FORMAT_VERSION = "1.0"
+MANIFEST = "manifest.json"
+TENSORS = "tensors.safetensors"
+
+Operator = Literal["additive", "rotation"]
+
+
+class BundleWarning(UserWarning):
+    """A bundle loads, but something about it deserves attention (e.g. unknown keys)."""
+
+
+class PolicySummary(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    subject: str = ""
+    description: str = ""
+    n_in_scope: int = 0
+    n_out_of_scope: int = 0
+
+
+class GateSpec(BaseModel):
+    type: str
+    layer: int = Field(ge=0)
+    params: list[str] = Field(default_factory=list)
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    format_version: str = FORMAT_VERSION
+    crvlm_version: str = __version__
+    policy: PolicySummary
+    backbone: Fingerprint
+    adapter: str
+    layers: list[int]
+    alpha: float
+    operator: Operator = "additive"
+    gate: GateSpec
+    extraction: dict[str, Any] = Field(default_factory=dict)
+    validation: dict[str, Any] = Field(default_factory=dict)
+    tensors_sha256: str = ""
+    created: str = Field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+
+    @property
+    def needs_prepass(self) -> bool:
+        """Whether the gate layer is at or above the band (an unsteered pre-pass reads it)."""
+        return self.gate.layer >= min(self.layers)
+
+
+@dataclass
+class Bundle:
+    """Steering vectors per layer, a gate, and the manifest that describes them."""
+
+    manifest: Manifest
+    vectors: dict[int, torch.Tensor]
+    gate_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    extra_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.manifest.policy.name
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        adapter: BackboneAdapter,
+        policy: PolicySummary | Mapping[str, Any],
+        vectors: Mapping[int, torch.Tensor],
+        gate: Gate,
+        gate_layer: int,
+        alpha: float,
+        operator: Operator = "additive",
+        extraction: Mapping[str, Any] | None = None,
+        validation: Mapping[str, Any] | None = None,
+        extra_tensors: Mapping[str, torch.Tensor] | None = None,
+    ) -> Bundle:
+        """Assemble a bundle for ``adapter``'s model, fingerprinting it."""
+        summary = policy if isinstance(policy, PolicySummary) else PolicySummary(**policy)
+        manifest = Manifest(
+            policy=summary,
+            backbone=adapter.fingerprint(),
+            adapter=adapter.name,
+            layers=sorted(int(k) for k in vectors),
+            alpha=float(alpha),
+            operator=operator,
+            gate=GateSpec(type=gate.name, layer=gate_layer, params=sorted(gate.tensors()), config=gate.config()),
+            extraction=dict(extraction or {}),
+            validation=dict(validation or {}),
+        )
+        bundle = cls(
+            manifest=manifest,
+            vectors={int(k): v.detach().float().cpu().contiguous() for k, v in vectors.items()},
+            gate_tensors={k: v.detach().float().cpu().contiguous() for k, v in gate.tensors().items()},
+            extra_tensors={k: v.detach().cpu().contiguous() for k, v in (extra_tensors or {}).items()},
+        )
+        bundle.check("<new bundle>")
+        return bundle
+
+    # -- consistency ----------------------------------------------------------------------
+    def check(self, where: str) -> None:
+        """Raise :class:`BundleError` if tensors and manifest disagree or hold NaN/inf."""
+        m = self.manifest
+        if not m.layers:
+            raise BundleError(f"{where}: field `layers` is empty")
+        if sorted(set(m.layers)) != m.layers:
+            raise BundleError(f"{where}: field `layers` must be sorted and unique, got {m.layers}")
+        if any(layer < 0 or layer >= m.backbone.num_layers for layer in m.layers):
+            raise BundleError(f"{where}: field `layers` {m.layers} outside 0..{m.backbone.num_layers - 1}")
+        if m.gate.layer >= m.backbone.num_layers:
+            raise BundleError(f"{where}: field `gate.layer` {m.gate.layer} >= num_layers {m.backbone.num_layers}")
+        if set(self.vectors) != set(m.layers):
+            raise BundleError(
+                f"{where}: vectors for layers {sorted(self.vectors)} but field `layers` says {m.layers}"
+            )
+        for layer, vec in self.vectors.items():
+            if tuple(vec.shape) != (m.backbone.hidden_size,):
+                raise BundleError(
+                    f"{where}: tensor `vector.{layer}` has shape {tuple(vec.shape)}, "
+                    f"expected ({m.backbone.hidden_size},)"
+                )
+            if not bool(torch.isfinite(vec).all()):
+                raise BundleError(f"{where}: tensor `vector.{layer}` contains NaN or inf")
+        if sorted(self.gate_tensors) != sorted(m.gate.params):
+            raise BundleError(
+                f"{where}: gate tensors {sorted(self.gate_tensors)} but field `gate.params` says {m.gate.params}"
+            )
+        for name, tensor in self.gate_tensors.items():
+            if not bool(torch.isfinite(tensor).all()):
+                raise BundleError(f"{where}: tensor `gate.{name}` contains NaN or inf")
+        if not (m.alpha == m.alpha and abs(m.alpha) != float("inf")):
+            raise BundleError(f"{where}: field `alpha` is not finite")
+
+    def gate(self, plugins: PluginManager | None = None) -> Gate:
+        """Instantiate the bundle's gate through the plugin registry."""
+        cls = (plugins or get_plugin_manager()).get("gate", self.manifest.gate.type)
+        return cls.from_tensors(self.gate_tensors, self.manifest.gate.config)
+
+    # -- disk -----------------------------------------------------------------------------
+    def _tensor_dict(self) -> dict[str, torch.Tensor]:
+        out = {f"vector.{layer}": vec for layer, vec in self.vectors.items()}
+        out.update({f"gate.{k}": v for k, v in self.gate_tensors.items()})
+        out.update({f"extra.{k}": v for k, v in self.extra_tensors.items()})
+        return out
+
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write atomically to ``path`` (a directory); refuses to replace one unless asked."""
+        self.check("<bundle being saved>")
+        target = Path(path)
+        if target.exists() and not overwrite:
+            raise BundleError(f"{target} already exists", hint="pass overwrite=True (--overwrite) to replace it")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        blob = save_safetensors(self._tensor_dict(), metadata={"format": "crvlm-bundle"})
+        self.manifest.tensors_sha256 = hashlib.sha256(blob).hexdigest()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        try:
+            (tmp / TENSORS).write_bytes(blob)
+            (tmp / MANIFEST).write_text(self.manifest.model_dump_json(indent=2) + "\n")
+            if target.exists():
+                old = target.with_name(f".{target.name}.old-{os.getpid()}")
+                os.replace(target, old)
+                os.replace(tmp, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return target
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        adapter: BackboneAdapter | None = None,
+        check_fingerprint: bool = True,
+    ) -> Bundle:
+        """Read and validate a bundle; with ``adapter``, also check it fits that model."""
+        root = Path(path)
+        if not root.is_dir():
+            raise BundleError(f"bundle not found: {root} is not a directory")
+        manifest = _read_manifest(root / MANIFEST)
+        tensor_path = root / TENSORS
+        if not tensor_path.is_file():
+            raise BundleError(f"{tensor_path} is missing", hint="a bundle is manifest.json + tensors.safetensors")
+        blob = tensor_path.read_bytes()
+        digest = hashlib.sha256(blob).hexdigest()
+        if digest != manifest.tensors_sha256:
+            raise BundleError(
+                f"{tensor_path}: sha256 {digest[:16]}... does not match field `tensors_sha256` "
+                f"{manifest.tensors_sha256[:16]}... in {MANIFEST} (file modified or truncated)"
+            )
+        try:
+            tensors = load_safetensors(blob)
+        except (SafetensorError, ValueError) as exc:
+            raise BundleError(f"{tensor_path}: not a readable safetensors file ({exc})") from None
+        vectors: dict[int, torch.Tensor] = {}
+        gate_tensors: dict[str, torch.Tensor] = {}
+        extra: dict[str, torch.Tensor] = {}
+        for key, tensor in tensors.items():
+            group, _, rest = key.partition(".")
+            if group == "vector" and rest.isdigit():
+                vectors[int(rest)] = tensor.float()
+            elif group == "gate" and rest:
+                gate_tensors[rest] = tensor.float()
+            elif group == "extra" and rest:
+                extra[rest] = tensor
+            else:
+                raise BundleError(f"{tensor_path}: unexpected tensor name {key!r}")
+        bundle = cls(manifest=manifest, vectors=vectors, gate_tensors=gate_tensors, extra_tensors=extra)
+        bundle.check(str(root))
+        if adapter is not None:
+            bundle.check_model(adapter, where=str(root), check_fingerprint=check_fingerprint)
+        return bundle
+
+    def check_model(self, adapter: BackboneAdapter, *, where: str = "bundle", check_fingerprint: bool = True) -> None:
+        """Refuse a model the bundle was not built for, naming every differing field."""
+        found = adapter.fingerprint()
+        diffs = self.manifest.backbone.differences(found)
+        if not check_fingerprint:
+            # Shapes must still agree or steering would fail or silently broadcast.
+            diffs = [d for d in diffs if d.split(":")[0] in ("hidden_size", "num_layers")]
+        if diffs:
+            raise BundleError(
+                f"{where} was built for another model: " + "; ".join(diffs),
+                hint="rebuild the bundle for this model (crvlm build-bundle)",
+            )
+
+
+def _read_manifest(path: Path) -> Manifest:
+    if not path.is_file():
+        raise BundleError(f"{path} is missing", hint="a bundle is manifest.json + tensors.safetensors")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    except UnicodeDecodeError:
+        raise BundleError(f"{path}: not UTF-8 text") from None
+    if not isinstance(raw, dict):
+        raise BundleError(f"{path}: expected a JSON object, found {type(raw).__name__}")
+    version = str(raw.get("format_version", ""))
+    try:
+        major, minor = (int(x) for x in version.split(".")[:2])
+    except ValueError:
+        raise BundleError(f"{path}: field `format_version` is {version!r}, expected 'MAJOR.MINOR'") from None
+    our_major, our_minor = (int(x) for x in FORMAT_VERSION.split("."))
+    if major > our_major:
+        raise BundleError(
+            f"{path}: bundle format {version} is newer than this crvlm {__version__} reads ({FORMAT_VERSION})",
+            hint="pip install --upgrade crvlm",
+        )
+    if major < our_major:
+        raise BundleError(f"{path}: bundle format {version} is too old for crvlm {__version__}; rebuild it")
+    try:
+        manifest = Manifest.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "(root)"
+        raise BundleError(f"{path}: field `{loc}`: {first['msg']}") from None
+    unknown = sorted(manifest.model_extra or {})
+    if unknown:
+        newer = " (written by a newer crvlm)" if minor > our_minor else ""
+        warnings.warn(f"{path}: ignoring unknown manifest keys {unknown}{newer}", BundleWarning, stacklevel=3)
+    return manifest

@@ -1,0 +1,42 @@
+"""Exception types.
+
+Every error a *user* can cause (bad file, wrong model, unknown name) derives from
+:class:`CrvlmError`, so the CLI can print it as one line with a hint and a stable exit code
+instead of a traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class CrvlmError(Exception):
+    """A user-facing error: ``str(err)`` is one line; ``hint`` says what to do about it."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+class BundleError(CrvlmError):
+    """A bundle on disk is missing, malformed, tampered with or built for another model."""
+
+    exit_code = 3
+
+
+class AdapterError(CrvlmError):
+    """No adapter fits the model, or the model's layout is not what the adapter expects."""
+
+    exit_code = 4
+
+
+class PluginError(CrvlmError):
+    """A plugin name is unknown or registered twice."""
+
+    exit_code = 5
+
+
+class ModelLoadError(CrvlmError):
+    """A model directory or GGUF file cannot be found or loaded."""
+
+    exit_code = 6

