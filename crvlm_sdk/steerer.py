@@ -15,7 +15,9 @@ Inside ``model.generate`` the first forward call is the prefill and every later 
 decoding step, with or without KV cache (so cached and uncached generation agree). Outside
 ``generate``, a call with a non-empty cache is a decoding step. Buffers are updated in place
 and never rebound, so a ``torch.compile``d decoding step (static cache, CUDA graphs) keeps
-reading the current gate.
+reading the current gate. A graph compiled under one set of hooks is not reused under
+another: dynamo re-checks module hooks (tests/test_compile.py swaps two Steerers with the same
+hook layout through one compiled ``generate``).
 """
 
 from __future__ import annotations
@@ -137,6 +139,10 @@ class Steerer:
         placement = tuple(module_device_dtype(layer) for layer in self._layers)
         if placement == self._placed_for:
             return
+        with torch.inference_mode(False):
+            self._place_on(placement)
+
+    def _place_on(self, placement: tuple[tuple[torch.device, torch.dtype], ...]) -> None:
         lowest_band = min(min(item.bundle.manifest.layers) for item in self._loaded)
         for item in self._loaded:
             m = item.bundle.manifest
@@ -233,9 +239,11 @@ class Steerer:
             selection = selection.repeat_interleave(batch // rows, dim=1)  # beams / num_return_sequences
         for i, item in enumerate(self._loaded):
             if item.p is None or item.p.shape[0] != batch:
-                item.p = torch.zeros(batch, dtype=torch.float32, device=item.gate_device)
-                item.row_mask = torch.ones(batch, dtype=torch.float32, device=item.gate_device)
-                item.scale = torch.zeros(batch, dtype=torch.float32, device=item.gate_device)
+                # Normal (not inference-mode) tensors: they outlive the call that made them.
+                with torch.inference_mode(False):
+                    item.p = torch.zeros(batch, dtype=torch.float32, device=item.gate_device)
+                    item.row_mask = torch.ones(batch, dtype=torch.float32, device=item.gate_device)
+                    item.scale = torch.zeros(batch, dtype=torch.float32, device=item.gate_device)
             item.row_mask.copy_(selection[i] if selection is not None else torch.ones(batch))
             item.p.zero_()
             item.scale.zero_()
@@ -280,7 +288,6 @@ class Steerer:
             finally:
                 steerer._state.in_generate = False
 
-        _forget_compiled(self.model)
         setattr(self.model, _ACTIVE_ATTR, self)
         try:
             with hooks_installed(specs):
@@ -296,7 +303,6 @@ class Steerer:
             else:
                 self.model.generate = original_generate
             delattr(self.model, _ACTIVE_ATTR)
-            _forget_compiled(self.model)
 
     def _selection(self, rows: Sequence[Sequence[str]] | None, bundles: Sequence[str] | None) -> torch.Tensor | None:
         names = self.bundle_names
@@ -380,14 +386,6 @@ def _has_cached_tokens(kwargs: dict[str, Any]) -> bool:
     if get_len is None:  # legacy tuple cache
         return bool(len(cache)) and cache[0][0].shape[-2] > 0
     return int(get_len()) > 0
-
-
-def _forget_compiled(model: torch.nn.Module) -> None:
-    # transformers caches `torch.compile(model.__call__)`; dynamo does not guard on module
-    # hooks, so a graph compiled with (or without) our hooks must not outlive this context.
-    if "_compiled_call" in model.__dict__:
-        del model.__dict__["_compiled_call"]
-        torch._dynamo.reset()
 
 
 def _find_processor(model: torch.nn.Module) -> Any:

