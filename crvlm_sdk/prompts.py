@@ -80,7 +80,7 @@ def build_prompt_batch(
 
     rows: list[dict[str, torch.Tensor]] = []
     prompt_lens: list[int] = []
-    for question, image, sys_msg in zip(questions, image_rows, systems):
+    for question, image, sys_msg in zip(questions, image_rows, systems, strict=True):
         text = adapter.render_prompt(question, has_image=image is not None, system=sys_msg)
         enc = adapter.encode_row(text, load_image(image) if image is not None else None)
         enc = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
@@ -102,7 +102,7 @@ def build_prompt_batch(
         if key in seq_keys:
             pad = adapter.pad_token_id if key == "input_ids" else 0
             padded = []
-            for r, t in zip(rows, total):
+            for r, t in zip(rows, total, strict=True):
                 row = r[key][0] if key in r else torch.zeros(t, dtype=torch.long)
                 padded.append(torch.cat([row.new_full((width - t,), pad), row]))
             inputs[key] = torch.stack(padded)

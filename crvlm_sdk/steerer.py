@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from crvlm_sdk.backbones import adapter_for
 from crvlm_sdk.bundle import Bundle
@@ -327,12 +328,30 @@ class Steerer:
         **generate_kwargs: Any,
     ) -> list[str]:
         """Answer ``questions`` (greedy, 64 new tokens unless told otherwise)."""
+        return self.generate_detailed(
+            questions, images, system=system, rows=rows, bundles=bundles, steer=steer, **generate_kwargs
+        ).texts
+
+    def generate_detailed(
+        self,
+        questions: Sequence[str] | str,
+        images: Sequence[ImageInput | None] | None = None,
+        *,
+        system: str | None = None,
+        rows: Sequence[Sequence[str]] | None = None,
+        bundles: Sequence[str] | None = None,
+        steer: bool = True,
+        **generate_kwargs: Any,
+    ) -> Generation:
+        """Like :meth:`generate`, also returning the first decoding step's logits (for judges)."""
         if isinstance(questions, str):
             questions = [questions]
         batch = self.adapter.build_prompts(questions, images, system=system)
         batch = batch.to(model_input_device(self.model), model_float_dtype(self.model))
+        first = _FirstLogits()
         kwargs: dict[str, Any] = {"max_new_tokens": 64, "do_sample": False, "pad_token_id": self.adapter.pad_token_id}
         kwargs.update(generate_kwargs)
+        kwargs["logits_processor"] = LogitsProcessorList([*kwargs.get("logits_processor", []), first])
         with torch.inference_mode():
             if steer:
                 with self.apply(rows=rows, bundles=bundles):
@@ -340,7 +359,8 @@ class Steerer:
             else:
                 out = self.model.generate(**batch.inputs, **kwargs)
         new_tokens = out[:, batch.seq_len :]
-        return [self.adapter.decode(row.tolist()).strip() for row in new_tokens]
+        texts = [self.adapter.decode(row.tolist()).strip() for row in new_tokens]
+        return Generation(texts, first.logits)
 
     def gate_scores(
         self,
@@ -354,7 +374,7 @@ class Steerer:
         if isinstance(questions, str):
             questions = [questions]
         image_rows = list(images) if images is not None else [None] * len(questions)
-        samples = [Sample(q, img) for q, img in zip(questions, image_rows)]
+        samples = [Sample(q, img) for q, img in zip(questions, image_rows, strict=True)]
         layers = sorted({item.bundle.manifest.gate.layer for item in self._loaded})
         stats = capture(
             self.adapter, samples, layers, system=system, batch_size=batch_size, keep=True, progress=False
@@ -363,6 +383,25 @@ class Steerer:
             item.name: item.gate.score(stats.rows(item.bundle.manifest.gate.layer).to(item.gate_device)).cpu()
             for item in self._loaded
         }
+
+
+@dataclass
+class Generation:
+    texts: list[str]
+    #: (B, V) float32 logits of the first generated token, on the CPU
+    first_logits: torch.Tensor | None
+
+
+class _FirstLogits(LogitsProcessor):
+    """A logits processor that keeps the first step's scores and changes nothing."""
+
+    def __init__(self) -> None:
+        self.logits: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.logits is None:
+            self.logits = scores.detach().float().cpu()
+        return scores
 
 
 def _steer(h: torch.Tensor, scale: torch.Tensor, vector: torch.Tensor, operator: str) -> torch.Tensor:

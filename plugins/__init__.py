@@ -17,3 +17,24 @@ def crvlm_extractors() -> list[type]:
     from crvlm_plugins.extractors import MeanDiffExtractor, TeacherForcedExtractor
 
     return [TeacherForcedExtractor, MeanDiffExtractor]
+
+
+@hookimpl
+def crvlm_locators() -> list[type]:
+    from crvlm_plugins.locators import FixedLocator, SweepLocator
+
+    return [SweepLocator, FixedLocator]
+
+
+@hookimpl
+def crvlm_aligners() -> list[type]:
+    from crvlm_plugins.aligners import CounterfactualAligner
+
+    return [CounterfactualAligner]
+
+
+@hookimpl
+def crvlm_judges() -> list[type]:
+    from crvlm_plugins.judges import KeywordJudge, LogitJudge
+
+    return [KeywordJudge, LogitJudge]

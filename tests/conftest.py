@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from crvlm_plugins.gates import ProbeGate
 from crvlm_sdk import Bundle, Sample, Steerer, adapter_for, capture, load_model, testing
 from crvlm_sdk.models import find_smollm2_gguf
-from crvlm_plugins.gates import ProbeGate
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -13,6 +13,17 @@ from crvlm_sdk import Bundle, BundleError, BundleWarning, adapter_for, load_mode
 from crvlm_sdk.bundle import MANIFEST, TENSORS
 
 
+def edit_manifest(path, **changes) -> None:
+    """Rewrite the bundle's manifest with top-level ``changes`` (None deletes a key)."""
+    raw = json.loads((path / MANIFEST).read_text())
+    for key, value in changes.items():
+        if value is None:
+            del raw[key]
+        else:
+            raw[key] = value
+    (path / MANIFEST).write_text(json.dumps(raw))
+
+
 @pytest.fixture
 def saved(tiny_llama, tmp_path):
     _, _, adapter = tiny_llama
@@ -66,46 +77,36 @@ def test_malformed_json_is_refused(saved):
 
 def test_wrong_field_type_names_the_field(saved):
     _, path, _ = saved
-    raw = json.loads((path / MANIFEST).read_text())
-    raw["gate"]["layer"] = "deep"
-    (path / MANIFEST).write_text(json.dumps(raw))
+    gate = json.loads((path / MANIFEST).read_text())["gate"]
+    edit_manifest(path, gate={**gate, "layer": "deep"})
     with pytest.raises(BundleError, match=r"field `gate\.layer`"):
         Bundle.load(path)
 
 
 def test_missing_field_names_the_field(saved):
     _, path, _ = saved
-    raw = json.loads((path / MANIFEST).read_text())
-    del raw["alpha"]
-    (path / MANIFEST).write_text(json.dumps(raw))
+    edit_manifest(path, alpha=None)
     with pytest.raises(BundleError, match=r"field `alpha`: Field required"):
         Bundle.load(path)
 
 
 def test_layers_disagreeing_with_tensors_is_refused(saved):
     _, path, _ = saved
-    raw = json.loads((path / MANIFEST).read_text())
-    raw["layers"] = [1, 2]
-    (path / MANIFEST).write_text(json.dumps(raw))
+    edit_manifest(path, layers=[1, 2])
     with pytest.raises(BundleError, match=r"vectors for layers \[1, 2, 3\] but field `layers` says \[1, 2\]"):
         Bundle.load(path)
 
 
 def test_newer_major_format_is_refused(saved):
     _, path, _ = saved
-    raw = json.loads((path / MANIFEST).read_text())
-    raw["format_version"] = "2.0"
-    (path / MANIFEST).write_text(json.dumps(raw))
-    with pytest.raises(BundleError, match="bundle format 2.0 is newer"):
+    edit_manifest(path, format_version="2.0")
+    with pytest.raises(BundleError, match=r"bundle format 2\.0 is newer"):
         Bundle.load(path)
 
 
 def test_newer_minor_format_with_unknown_keys_warns(saved):
     _, path, _ = saved
-    raw = json.loads((path / MANIFEST).read_text())
-    raw["format_version"] = "1.7"
-    raw["shiny_new_field"] = {"x": 1}
-    (path / MANIFEST).write_text(json.dumps(raw))
+    edit_manifest(path, format_version="1.7", shiny_new_field={"x": 1})
     with pytest.warns(BundleWarning, match=r"unknown manifest keys \['shiny_new_field'\] \(written by a newer crvlm\)"):
         Bundle.load(path)
 

@@ -158,7 +158,7 @@ def test_unknown_bundle_name_in_rows(tiny_llama):
 
 @pytest.mark.parametrize("gate_layer", [0, 3])
 def test_generate_with_cache_equals_without(tiny, gate_layer):
-    model, _, adapter = tiny
+    _model, _, adapter = tiny
     bundle = make_bundle(adapter, layers=(1, 2), gate_layer=gate_layer, alpha=6.0)
     steerer = steerer_for(adapter, bundle)
     images = _images(adapter, len(QUESTIONS))

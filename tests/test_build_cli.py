@@ -1,0 +1,99 @@
+"""build-bundle → eval through the CLI on a tiny model, and a deterministic build."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from crvlm_sdk import Bundle, load_model
+from crvlm_sdk.build import build_bundle
+from crvlm_sdk.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def small_policy(tmp_path: Path) -> Path:
+    topics_in = ["bread", "soup", "pasta", "cake", "rice", "eggs", "salad", "stew", "pie", "curry"]
+    topics_out = ["chess", "tax", "planets", "guitars", "football", "volcanoes", "poetry", "cars", "laws", "stocks"]
+    rows_in = [f"How do I cook {t} {k}?" for t in topics_in for k in ("quickly", "at home")]
+    rows_out = [f"Tell me about {t} {k}." for t in topics_out for k in ("today", "in history")]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"question": q}) + "\n" for q in rows_in))
+    (tmp_path / "out.jsonl").write_text("".join(json.dumps({"question": q}) + "\n" for q in rows_out))
+    test = [{"question": "How do I cook noodles?", "in_scope": True, "answer": "boil"},
+            {"question": "Tell me about rivers.", "in_scope": False},
+            {"question": "How do I cook beans?", "in_scope": True},
+            {"question": "Tell me about kings.", "in_scope": False}]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test))
+    (tmp_path / "policy.yaml").write_text(
+        "name: mini\nsubject: cooking\nin_scope: in.jsonl\nout_of_scope: out.jsonl\ntest: test.jsonl\n"
+        "refusal_prefix: \"Sorry, I can't\"\nseed: 3\n"
+    )
+    return tmp_path / "policy.yaml"
+
+
+def test_build_then_eval_through_cli(tiny_llama_dir, small_policy, tmp_path):
+    out = tmp_path / "bundle"
+    result = runner.invoke(app, ["build-bundle", "--model", str(tiny_llama_dir), "--policy", str(small_policy),
+                                 "--out", str(out), "--batch-size", "4"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "layer/strength sweep" in result.output and "validation" in result.output
+    bundle = Bundle.load(out)
+    m = bundle.manifest
+    assert m.policy.name == "mini" and m.adapter == "causal-lm" and m.gate.type == "probe"
+    assert m.extraction["refusal_instruction"].endswith("NOT about cooking.")
+    assert sum(row.get("chosen", False) for row in m.validation["sweep"]) == 1
+    assert set(m.validation) >= {"srs", "brs", "mb", "gate_caught", "gate_flagged", "sweep"}
+
+    report_dir = tmp_path / "report"
+    result = runner.invoke(app, ["eval", "--model", str(tiny_llama_dir), "--bundle", str(out), "--policy",
+                                 str(small_policy), "--out", str(report_dir), "--max-new-tokens", "8"],
+                           env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    report = json.loads((report_dir / "report.json").read_text())
+    assert set(report["bundle"]) >= {"srs", "brs", "mb", "answer_accuracy", "srs_ci", "brs_ci", "mb_ci", "n_in",
+                                     "n_out"}
+    assert set(report["baselines"]) == {"none", "no-gate", "system-prompt"}
+    assert len(report["samples"]) == 4
+    sample = report["samples"][0]
+    assert set(sample["answers"]) == {"bundle", "none", "no-gate", "system-prompt"}
+    assert isinstance(sample["gate_score"], float) and isinstance(sample["in_scope"], bool)
+    assert report["bundle"]["n_answers"] == 1
+    for name in ("report.md", "gate_scores.png", "rates.png"):
+        assert (report_dir / name).stat().st_size > 0
+
+
+def test_eval_needs_exactly_one_data_source(tiny_llama_dir, tmp_path):
+    result = runner.invoke(app, ["eval", "--model", str(tiny_llama_dir), "--bundle", str(tmp_path),
+                                 "--out", str(tmp_path / "r")])
+    assert result.exit_code == 1 and "exactly one of --data and --policy" in result.output
+
+
+def test_build_refuses_existing_out(tiny_llama_dir, small_policy, tmp_path):
+    (tmp_path / "exists").mkdir()
+    result = runner.invoke(app, ["build-bundle", "--model", str(tiny_llama_dir), "--policy", str(small_policy),
+                                 "--out", str(tmp_path / "exists")])
+    assert result.exit_code == 1 and "already exists" in result.output
+
+
+def stable(validation: dict) -> dict:
+    """Validation record without wall-clock timings."""
+    out = {k: v for k, v in validation.items() if k != "build_seconds"}
+    out["sweep"] = [{k: v for k, v in row.items() if k != "seconds"} for row in validation["sweep"]]
+    return out
+
+
+def test_build_is_deterministic(tiny_llama_dir, small_policy):
+    model, processor = load_model(tiny_llama_dir)
+    bundles = [build_bundle(model, processor, small_policy, progress=False, batch_size=4) for _ in range(2)]
+    a, b = (x.manifest for x in bundles)
+    assert a.layers == b.layers and a.alpha == b.alpha and a.gate == b.gate
+    assert stable(a.validation) == stable(b.validation)
+    for layer in a.layers:
+        assert torch.equal(bundles[0].vectors[layer], bundles[1].vectors[layer])
+    for name in bundles[0].gate_tensors:
+        assert torch.equal(bundles[0].gate_tensors[name], bundles[1].gate_tensors[name])

@@ -1,0 +1,87 @@
+"""Batched capture equals per-sample capture, and reads the right token positions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from crvlm_sdk import CrvlmError, Sample, capture
+from crvlm_sdk.capture import position_weights
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Please explain, in a few short sentences, how a bicycle gear system works.",
+    "Hi",
+    "Name three colours.",
+    "Why do cats purr when they are happy or stressed?",
+]
+
+
+def _samples(adapter) -> list[Sample]:
+    if not adapter.supports_images:
+        return [Sample(q) for q in QUESTIONS]
+    from PIL import Image
+
+    return [Sample(q, Image.new("RGB", (40, 30), (50 * i, 20, 200)) if i % 2 == 0 else None)
+            for i, q in enumerate(QUESTIONS)]
+
+
+@pytest.mark.parametrize("position,prefix", [("last_prompt", None), ("prefix_last", "Sorry, I can't"),
+                                             ("prefix_mean", "Sorry, I can't")])
+def test_batched_equals_per_sample(tiny, position, prefix):
+    _, _, adapter = tiny
+    samples = _samples(adapter)
+    layers = [0, 2, 3]
+    batched = capture(adapter, samples, layers, position=position, forced_prefix=prefix, batch_size=5, keep=True,
+                      progress=False)
+    single = capture(adapter, samples, layers, position=position, forced_prefix=prefix, batch_size=1, keep=True,
+                     progress=False)
+    assert batched.count == single.count == len(samples)
+    for layer in layers:
+        torch.testing.assert_close(batched.rows(layer), single.rows(layer), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(batched.mean(layer), single.mean(layer), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(batched.mean(layer), batched.rows(layer).mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_positions_match_output_hidden_states(tiny):
+    """Hand computation from raw hidden states at the documented positions (left-padded batch)."""
+    model, _, adapter = tiny
+    samples = _samples(adapter)
+    prefix = "Sorry, I cannot help"
+    batch = adapter.build_prompts([s.question for s in samples], [s.image for s in samples], forced_prefix=prefix)
+    assert len(set(batch.inputs["attention_mask"].sum(1).tolist())) > 1, "rows must be padded differently"
+    with torch.no_grad():
+        hs = model(**batch.inputs, output_hidden_states=True).hidden_states
+    got = capture(adapter, samples, [1], position="prefix_mean", forced_prefix=prefix, keep=True,
+                  progress=False).rows(1)
+    for i in range(len(samples)):
+        start, end = int(batch.prefix_start[i]), int(batch.prefix_end[i])
+        torch.testing.assert_close(got[i], hs[2][i, start:end].mean(0), rtol=1e-4, atol=1e-5)
+        # the forced prefix tokens are exactly the prefix text
+        assert adapter.decode(batch.inputs["input_ids"][i, start:end].tolist()) == prefix
+        # the last prompt token closes the assistant header, right before the prefix
+        assert int(batch.last_prompt_index[i]) == start - 1
+        header = adapter.decode(batch.inputs["input_ids"][i, start - 3 : start].tolist())
+        assert header.endswith("assistant\n")
+
+
+def test_running_stats_memory_does_not_keep_rows(tiny_llama):
+    _, _, adapter = tiny_llama
+    stats = capture(adapter, [Sample(q) for q in QUESTIONS], [1], progress=False)
+    assert stats.samples is None
+    assert stats.sums[1].dtype == torch.float64
+    with pytest.raises(CrvlmError, match="keep=True"):
+        stats.rows(1)
+
+
+def test_prefix_position_without_prefix_is_an_error(tiny_llama):
+    _, _, adapter = tiny_llama
+    batch = adapter.build_prompts(QUESTIONS)
+    with pytest.raises(CrvlmError, match="needs a forced prefix"):
+        position_weights(batch, "prefix_last")
+
+
+def test_layer_out_of_range(tiny_llama):
+    _, _, adapter = tiny_llama
+    with pytest.raises(CrvlmError, match=r"layers \[9\] out of range for a model with 4 decoder layers"):
+        capture(adapter, [Sample("hi")], [9], progress=False)

@@ -1,0 +1,71 @@
+"""The CLI: readable output, one-line errors, documented exit codes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import make_bundle
+from typer.testing import CliRunner
+
+from crvlm_sdk.bundle import MANIFEST, TENSORS
+from crvlm_sdk.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def bundle_dir(tiny_llama, tmp_path):
+    _, _, adapter = tiny_llama
+    return make_bundle(adapter, name="cooking", layers=(1, 2)).save(tmp_path / "bundle")
+
+
+def test_inspect_shows_the_manifest(bundle_dir):
+    result = runner.invoke(app, ["inspect", str(bundle_dir)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    for text in ("cooking", "LlamaForCausalLM", "layers [1, 2]", "probe at layer 0", "causal-lm"):
+        assert text in result.output
+
+
+def test_verify_ok_and_against_model(bundle_dir, tiny_llama_dir):
+    result = runner.invoke(app, ["verify", str(bundle_dir), "--model", str(tiny_llama_dir)])
+    assert result.exit_code == 0, result.output
+    assert "OK" in result.output
+
+
+def test_verify_other_model_exits_3(bundle_dir, tiny_llama_other_dir):
+    result = runner.invoke(app, ["verify", str(bundle_dir), "--model", str(tiny_llama_other_dir)])
+    assert result.exit_code == 3
+    assert "built for another model" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_verify_tampered_exits_3_with_one_line(bundle_dir):
+    data = bytearray((bundle_dir / TENSORS).read_bytes())
+    data[100] ^= 0xFF
+    (bundle_dir / TENSORS).write_bytes(bytes(data))
+    result = runner.invoke(app, ["verify", str(bundle_dir)])
+    assert result.exit_code == 3
+    assert "sha256" in result.output and "Traceback" not in result.output
+
+
+def test_inspect_malformed_manifest_exits_3(bundle_dir):
+    raw = json.loads((bundle_dir / MANIFEST).read_text())
+    raw["layers"] = "all of them"
+    (bundle_dir / MANIFEST).write_text(json.dumps(raw))
+    result = runner.invoke(app, ["inspect", str(bundle_dir)])
+    assert result.exit_code == 3
+    assert "field `layers`" in result.output
+
+
+def test_verify_missing_model_exits_6(bundle_dir, tmp_path):
+    result = runner.invoke(app, ["verify", str(bundle_dir), "--model", str(tmp_path / "nothing")])
+    assert result.exit_code == 6
+    assert "model directory not found" in result.output
+
+
+def test_plugins_lists_builtins():
+    result = runner.invoke(app, ["plugins"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for text in ("llava", "causal-lm", "probe", "teacher-forced", "LlavaForConditionalGeneration"):
+        assert text in result.output

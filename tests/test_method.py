@@ -1,0 +1,167 @@
+"""Method components: teacher-forced vectors, gate calibration, the sweep, visual alignment."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from crvlm_plugins.aligners import CounterfactualAligner, matched_images
+from crvlm_plugins.extractors import MeanDiffExtractor, TeacherForcedExtractor
+from crvlm_plugins.gates import ProbeGate
+from crvlm_plugins.locators import FixedLocator, SweepLocator
+from crvlm_sdk import CrvlmError, Sample
+
+OUT = ["Who won the 1998 World Cup?", "What is the capital of Peru and why is it famous?", "How tall is Everest?"]
+IN = ["How do I bake bread?", "What is a roux?", "How long do I boil an egg for a soft yolk?"]
+INSTRUCTION = "Only answer questions about cooking."
+
+
+def _forced_means(model, adapter, prefix, layer, read, system):
+    batch = adapter.build_prompts(OUT, system=system, forced_prefix=prefix)
+    assert len(set(batch.inputs["attention_mask"].sum(1).tolist())) > 1, "left padding must be exercised"
+    with torch.no_grad():
+        hs = model(**batch.inputs, output_hidden_states=True).hidden_states[layer + 1]
+    rows = []
+    for i in range(len(OUT)):
+        s, e = int(batch.prefix_start[i]), int(batch.prefix_end[i])
+        rows.append(hs[i, e - 1] if read == "last" else hs[i, s:e].mean(0))
+    return torch.stack(rows).mean(0)
+
+
+@pytest.mark.parametrize("contrast,read", [("plain", "last"), ("compliant", "mean"), ("compliant", "last")])
+def test_teacher_forced_vector_matches_hand_computation(tiny_llama, contrast, read):
+    model, _, adapter = tiny_llama
+    layer = 1
+    vectors = TeacherForcedExtractor().extract(
+        adapter, [Sample(q) for q in IN], [Sample(q) for q in OUT], [layer], refusal_instruction=INSTRUCTION,
+        refusal_prefix="Sorry, I can't", compliant_prefix="Sure, here", contrast=contrast, read=read,
+        batch_size=3, progress=False,
+    )
+    refusal = _forced_means(model, adapter, "Sorry, I can't", layer, read, INSTRUCTION)
+    if contrast == "plain":
+        batch = adapter.build_prompts(OUT)
+        with torch.no_grad():
+            hs = model(**batch.inputs, output_hidden_states=True).hidden_states[layer + 1]
+        reference = hs[torch.arange(len(OUT)), batch.last_prompt_index].mean(0)
+    else:
+        reference = _forced_means(model, adapter, "Sure, here", layer, read, INSTRUCTION)
+    torch.testing.assert_close(vectors[layer], refusal - reference, rtol=1e-4, atol=1e-5)
+
+
+def test_mean_diff_vector(tiny_llama):
+    model, _, adapter = tiny_llama
+    v = MeanDiffExtractor().extract(adapter, [Sample(q) for q in IN], [Sample(q) for q in OUT], [2],
+                                    progress=False)[2]
+    means = []
+    for qs in (OUT, IN):
+        batch = adapter.build_prompts(qs)
+        with torch.no_grad():
+            hs = model(**batch.inputs, output_hidden_states=True).hidden_states[3]
+        means.append(hs[torch.arange(len(qs)), batch.last_prompt_index].mean(0))
+    torch.testing.assert_close(v, means[0] - means[1], rtol=1e-4, atol=1e-5)
+
+
+def test_extractor_option_errors(tiny_llama):
+    _, _, adapter = tiny_llama
+    with pytest.raises(CrvlmError, match="contrast must be"):
+        TeacherForcedExtractor().extract(adapter, [], [Sample("x")], [0], contrast="bogus")
+    with pytest.raises(CrvlmError, match="needs out-of-scope samples"):
+        TeacherForcedExtractor().extract(adapter, [Sample("x")], [], [0])
+
+
+@pytest.mark.parametrize("target", [0.02, 0.1])
+def test_gate_calibration_meets_target_on_separable_data(target):
+    g = torch.Generator().manual_seed(0)
+    hidden = 16
+    direction = torch.randn(hidden, generator=g)
+
+    def cloud(n, sign):
+        return torch.randn(n, hidden, generator=g) + sign * 1.5 * direction / direction.norm()
+
+    gate = ProbeGate.untrained(hidden)
+    metrics = gate.fit(cloud(300, -1), cloud(300, +1))
+    assert metrics["train_accuracy"] > 0.9
+    val_in = cloud(400, -1)
+    gate.calibrate(val_in, target_over_refusal=target)
+    flagged = float((gate.score(val_in) > 0.5).float().mean())
+    assert flagged <= target
+    caught = float((gate.score(cloud(400, +1)) > 0.5).float().mean())
+    assert caught > 0.6
+    # the threshold survives a save/load through tensors + config
+    again = ProbeGate.from_tensors(gate.tensors(), gate.config())
+    assert torch.equal(again.score(val_in), gate.score(val_in))
+
+
+def _fake_evaluate(calls):
+    def evaluate(band, strength):
+        calls.append((tuple(band), strength))
+        # peaks at band [6], strength 0.75; wider bands over-refuse
+        mb = 1.0 - abs(band[0] - 6) * 0.05 - abs(strength - 0.75)
+        return {"alpha": strength * 2, "srs": mb, "brs": 0.0 if len(band) == 1 else 0.2, "mb": mb}
+
+    return evaluate
+
+
+def test_sweep_picks_best_under_ceiling_and_is_deterministic():
+    runs = []
+    for _ in range(2):
+        calls: list = []
+        choice = SweepLocator().locate(30, _fake_evaluate(calls), gate_layer=20, seed=0)
+        runs.append((calls, choice))
+    (calls_a, a), (calls_b, b) = runs
+    assert calls_a == calls_b and a.table == b.table
+    assert a.band == [6] and a.alpha == pytest.approx(1.5) and a.gate_layer == 20
+    assert sum(row["chosen"] for row in a.table) == 1
+    assert all(len(row["band"]) in (1, 3) for row in a.table)
+
+
+def test_sweep_respects_time_budget():
+    calls: list = []
+    choice = SweepLocator().locate(30, _fake_evaluate(calls), gate_layer=20, time_budget=0.0)
+    assert len(calls) == 1  # the first candidate always runs
+    assert sum("skipped" in row for row in choice.table) == len(choice.table) - 1
+
+
+def test_fixed_locator():
+    calls: list = []
+    choice = FixedLocator().locate(30, _fake_evaluate(calls), gate_layer=3, band=[7, 5, 6], strength=0.5)
+    assert choice.band == [5, 6, 7] and calls == [((5, 6, 7), 0.5)]
+    with pytest.raises(CrvlmError, match="needs `band` and `strength`"):
+        FixedLocator().locate(30, _fake_evaluate([]), gate_layer=3)
+
+
+def _colour_images(tmp_path, names):
+    from PIL import Image
+
+    paths = []
+    for i, name in enumerate(names):
+        path = tmp_path / f"{name}.png"
+        Image.new("RGB", (32, 32), (40 * i % 255, 90, 200)).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_counterfactual_pairs_are_matched_and_reproducible(tmp_path):
+    outs = [Sample("q", p) for p in _colour_images(tmp_path, ["o1", "o2", "o3", "o4"])]
+    ins = [Sample("q", p) for p in _colour_images(tmp_path, ["i1", "i2"])] + [Sample("text only")]
+    pairs = matched_images(ins, outs, seed=3)
+    assert len(pairs) == 2  # equal-size sets: the smaller side decides
+    assert pairs == matched_images(list(reversed(ins)), list(reversed(outs)), seed=3)  # not list order
+    assert {str(i) for _, i in pairs} == {str(tmp_path / "i1.png"), str(tmp_path / "i2.png")}
+
+
+def test_counterfactual_aligner_on_tiny_llava(tiny_llava_dir, tmp_path):
+    from crvlm_sdk import adapter_for, load_model
+
+    model, processor = load_model(tiny_llava_dir)
+    adapter = adapter_for(model, processor)
+    outs = [Sample("What is it?", p) for p in _colour_images(tmp_path, ["o1", "o2", "o3"])]
+    ins = [Sample("What is it?", p) for p in _colour_images(tmp_path, ["i1", "i2", "i3"])]
+    result = CounterfactualAligner().align(adapter, ins, outs, {1: torch.zeros(32), 2: torch.zeros(32)},
+                                           refusal_instruction="Refuse.", refusal_prefix="Sorry,", progress=False)
+    assert set(result["directions"]) == {1, 2}
+    assert result["gate_in"][1].shape == (3, 32) and result["gate_out"][2].shape == (3, 32)
+    assert len(result["pairs"]) == 3
+    # no images -> no-op
+    assert CounterfactualAligner().align(adapter, [Sample("a")], [Sample("b")], {1: torch.zeros(32)},
+                                         progress=False) == {}
