@@ -39,7 +39,7 @@ class BuildOptions:
     gate: str = "probe"
     gate_layers: Sequence[int] | None = None
     target_over_refusal: float = 0.02
-    gate_temperature: float = 0.25
+    gate_temperature: float = 0.1
     locator: str = "sweep"
     locator_options: dict[str, Any] = field(default_factory=dict)
     aligner: str | None = "counterfactual"
@@ -48,8 +48,8 @@ class BuildOptions:
     batch_size: int = 8
     max_samples: int | None = None
     seed: int | None = None
-    sweep_samples: int = 32
-    sweep_new_tokens: int = 24
+    sweep_samples: int = 24
+    sweep_new_tokens: int = 20
     validation_new_tokens: int = 40
 
 
@@ -200,7 +200,10 @@ def build_bundle(
 
     def evaluate(band: list[int], strength: float) -> dict[str, float]:
         alpha = alpha_for(band, strength)
-        return {"alpha": alpha, **score(make(band, alpha), sweep_rows, sweep_labels, opts.sweep_new_tokens)}
+        result = {"alpha": alpha, **score(make(band, alpha), sweep_rows, sweep_labels, opts.sweep_new_tokens)}
+        _log(console, f"  sweep: layers {band} strength {strength:.2f} (α={alpha:.3g}): SRS {result['srs']:.2f} "
+                      f"BRS {result['brs']:.2f} MB {result['mb']:.3f}")
+        return result
 
     locator = manager.get("locator", opts.locator)()
     choice = locator.locate(backbone.num_layers, evaluate, gate_layer=gate_fit.layer, seed=seed,

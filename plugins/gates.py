@@ -124,9 +124,16 @@ class ProbeGate(Gate):
         return {"train_accuracy": float((pred == y).double().mean())}
 
     def calibrate(self, h_in_val: torch.Tensor, target_over_refusal: float = 0.02) -> float:
-        """Raise the threshold until at most ``target_over_refusal`` of in-scope rows pass."""
-        logits = self.logits(h_in_val.float()).sort().values
-        k = int(len(logits) * (1.0 - target_over_refusal))
-        k = min(max(k, 0), len(logits) - 1)
-        self.threshold = max(0.0, float(logits[k]) + 1e-4)
+        """Set the threshold so that about ``target_over_refusal`` of in-scope inputs pass it.
+
+        The in-scope logits are modelled as a normal distribution and the threshold put at its
+        ``1 − target`` quantile: with a few dozen validation questions an empirical 2% quantile
+        is just the single largest logit, which one odd question would decide. The threshold
+        never goes below 0 (the probe's own decision boundary).
+        """
+        logits = self.logits(h_in_val.float()).double()
+        if len(logits) < 2:
+            raise CrvlmError("gate calibration needs at least 2 in-scope validation rows")
+        z = float(torch.special.ndtri(torch.tensor(1.0 - target_over_refusal, dtype=torch.float64)))
+        self.threshold = max(0.0, float(logits.mean() + z * logits.std()))
         return self.threshold

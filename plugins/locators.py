@@ -19,7 +19,7 @@ from crvlm_sdk.interfaces import LayerChoice, LayerLocator
 #: (band width, relative strengths to try); wider bands need less per layer.
 DEFAULT_GRID: tuple[tuple[int, tuple[float, ...]], ...] = (
     (1, (0.6, 0.75, 0.9)),
-    (3, (0.25, 0.35)),
+    (3, (0.3, 0.4, 0.5)),
 )
 
 
@@ -53,7 +53,7 @@ class SweepLocator(LayerLocator):
     ) -> LayerChoice:
         if centres is None:
             # Early-middle layers, where refusal directions steer without wrecking fluency.
-            fractions = (0.2, 0.3, 0.14, 0.4)
+            fractions = (0.2, 0.3, 0.4)
             centres = list(dict.fromkeys(max(1, round(f * num_layers)) for f in fractions))
         candidates = [
             (band_around(c, width, num_layers), strength)

@@ -69,27 +69,41 @@ def test_extractor_option_errors(tiny_llama):
         TeacherForcedExtractor().extract(adapter, [Sample("x")], [], [0])
 
 
+def _clouds(separation: float, seed: int = 0, hidden: int = 16):
+    g = torch.Generator().manual_seed(seed)
+    direction = torch.nn.functional.normalize(torch.randn(hidden, generator=g), dim=0)
+
+    def cloud(n: int, sign: int) -> torch.Tensor:
+        return torch.randn(n, hidden, generator=g) + sign * separation / 2 * direction
+
+    return cloud
+
+
 @pytest.mark.parametrize("target", [0.02, 0.1])
 def test_gate_calibration_meets_target_on_separable_data(target):
-    g = torch.Generator().manual_seed(0)
-    hidden = 16
-    direction = torch.randn(hidden, generator=g)
-
-    def cloud(n, sign):
-        return torch.randn(n, hidden, generator=g) + sign * 1.5 * direction / direction.norm()
-
-    gate = ProbeGate.untrained(hidden)
-    metrics = gate.fit(cloud(300, -1), cloud(300, +1))
-    assert metrics["train_accuracy"] > 0.9
-    val_in = cloud(400, -1)
-    gate.calibrate(val_in, target_over_refusal=target)
-    flagged = float((gate.score(val_in) > 0.5).float().mean())
+    cloud = _clouds(separation=8.0)
+    gate = ProbeGate.untrained(16)
+    assert gate.fit(cloud(300, -1), cloud(300, +1))["train_accuracy"] == 1.0
+    gate.calibrate(cloud(60, -1), target_over_refusal=target)
+    flagged = float((gate.score(cloud(5000, -1)) > 0.5).float().mean())
+    caught = float((gate.score(cloud(5000, +1)) > 0.5).float().mean())
     assert flagged <= target
-    caught = float((gate.score(cloud(400, +1)) > 0.5).float().mean())
-    assert caught > 0.6
-    # the threshold survives a save/load through tensors + config
-    again = ProbeGate.from_tensors(gate.tensors(), gate.config())
-    assert torch.equal(again.score(val_in), gate.score(val_in))
+    assert caught > 0.99
+    again = ProbeGate.from_tensors(gate.tensors(), gate.config())  # threshold survives save/load
+    probe = cloud(10, -1)
+    assert torch.equal(again.score(probe), gate.score(probe))
+
+
+@pytest.mark.parametrize("target", [0.02, 0.1])
+def test_gate_calibration_hits_target_on_overlapping_data(target):
+    """When classes overlap, the calibrated threshold lets through about `target` of new in-scope rows."""
+    cloud = _clouds(separation=2.0, seed=1)
+    gate = ProbeGate.untrained(16)
+    gate.fit(cloud(400, -1), cloud(400, +1))
+    gate.calibrate(cloud(200, -1), target_over_refusal=target)
+    assert gate.threshold > 0
+    flagged = float((gate.score(cloud(20000, -1)) > 0.5).float().mean())
+    assert abs(flagged - target) < 0.5 * target
 
 
 def _fake_evaluate(calls):
