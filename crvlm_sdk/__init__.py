@@ -8,9 +8,11 @@ The two lines most applications need::
 
 from crvlm_sdk._version import __version__
 from crvlm_sdk.backbones import adapter_for
+from crvlm_sdk.build import BuildOptions, build_bundle
 from crvlm_sdk.bundle import Bundle, BundleWarning, GateSpec, Manifest, PolicySummary
 from crvlm_sdk.capture import ActivationStats, capture
 from crvlm_sdk.errors import AdapterError, BundleError, CrvlmError, ModelLoadError, PluginError
+from crvlm_sdk.evaluate import evaluate, write_report
 from crvlm_sdk.hookspecs import hookimpl
 from crvlm_sdk.interfaces import (
     BackboneAdapter,
@@ -26,6 +28,7 @@ from crvlm_sdk.interfaces import (
 )
 from crvlm_sdk.models import load_model
 from crvlm_sdk.plugins import PluginManager, get_plugin_manager
+from crvlm_sdk.policy import Policy, PolicyError
 from crvlm_sdk.prompts import ChatTemplateAdapter
 from crvlm_sdk.steerer import Steerer
 
@@ -33,6 +36,7 @@ __all__ = [
     "ActivationStats",
     "AdapterError",
     "BackboneAdapter",
+    "BuildOptions",
     "Bundle",
     "BundleError",
     "BundleWarning",
@@ -47,6 +51,8 @@ __all__ = [
     "ModelLoadError",
     "PluginError",
     "PluginManager",
+    "Policy",
+    "PolicyError",
     "PolicySummary",
     "PromptBatch",
     "RefusalJudge",
@@ -56,8 +62,11 @@ __all__ = [
     "VisualAligner",
     "__version__",
     "adapter_for",
+    "build_bundle",
     "capture",
+    "evaluate",
     "get_plugin_manager",
     "hookimpl",
     "load_model",
+    "write_report",
 ]
