@@ -42,10 +42,11 @@ def normalise(text: str) -> str:
     return " ".join(text.split())
 
 
-def answer_matches(answer: str, reference: str) -> bool:
-    """Normalised contains-match: the reference's words appear, in order, in the answer."""
-    ref = normalise(reference)
-    return bool(ref) and f" {ref} " in f" {normalise(answer)} "
+def answer_matches(answer: str, reference: str | Sequence[str]) -> bool:
+    """Normalised contains-match: some reference's words appear, in order, in the answer."""
+    refs = [reference] if isinstance(reference, str) else list(reference)
+    text = f" {normalise(answer)} "
+    return any(ref and f" {ref} " in text for ref in map(normalise, refs))
 
 
 @dataclass

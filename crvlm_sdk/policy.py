@@ -170,16 +170,25 @@ def _row(obj: Any, where: str, base: Path, labelled: bool) -> Sample:
             raise PolicyError(f"{where}: `image` must be a path string")
         image_path = base / image
         _check_image(image_path, where)
-    answer = obj.get("answer")
-    if answer is not None and not isinstance(answer, (str, int, float)):
-        raise PolicyError(f"{where}: `answer` must be a string")
+    answer = _answer(obj.get("answer"), where)
     meta: dict[str, Any] = {}
     if labelled:
         label = obj.get("in_scope")
         if not isinstance(label, bool):
             raise PolicyError(f"{where}: `in_scope` must be true or false")
         meta["in_scope"] = label
-    return Sample(question=question, image=image_path, answer=None if answer is None else str(answer), meta=meta)
+    return Sample(question=question, image=image_path, answer=answer, meta=meta)
+
+
+def _answer(value: Any, where: str) -> str | tuple[str, ...] | None:
+    """A reference answer, or a list of accepted ones ("two" and "2"); numbers become strings."""
+    if value is None:
+        return None
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, list) and value and all(isinstance(v, (str, int, float)) for v in value):
+        return tuple(str(v) for v in value)
+    raise PolicyError(f"{where}: `answer` must be a string or a non-empty list of strings")
 
 
 def _check_image(path: Path, where: str) -> None:

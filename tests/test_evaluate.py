@@ -60,6 +60,8 @@ def test_metrics():
     ("It boils at 1000 degrees", "100", False),
     ("Use the `def` keyword.", "def", True),
     ("Use a default value", "def", False),
+    ("There are 2 stars.", ("two", "2"), True),
+    ("I see three stars.", ("two", "2"), False),
 ])
 def test_answer_matching(answer, ref, ok):
     assert answer_matches(answer, ref) is ok

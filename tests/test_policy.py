@@ -139,3 +139,34 @@ def test_example_policies_meet_the_data_bar(name):
     assert sum(not s.meta["in_scope"] for s in data.test) >= 60
     train = {s.question for s in data.train_in + data.train_out + data.val_in + data.val_out}
     assert not train & {s.question for s in data.test}
+
+
+@pytest.mark.parametrize("name", ["shape-qa", "no-stars"])
+def test_image_policies_meet_the_data_bar(name):
+    policy = Policy.load(EXAMPLES / name / "policy.yaml")
+    data = policy.load_data()
+    train = data.train_in + data.train_out + data.val_in + data.val_out
+    assert len(data.train_in) + len(data.val_in) >= 150 and len(data.train_out) + len(data.val_out) >= 150
+    assert sum(s.meta["in_scope"] for s in data.test) >= 60 and sum(not s.meta["in_scope"] for s in data.test) >= 60
+    assert all(s.image is not None and Path(s.image).is_file() for s in train + data.test)
+    assert not {s.image for s in train} & {s.image for s in data.test}
+    assert all(s.answer for s in data.train_in + data.val_in + [t for t in data.test if t.meta["in_scope"]])
+
+
+def test_no_stars_is_decided_by_the_picture_alone():
+    data = Policy.load(EXAMPLES / "no-stars" / "policy.yaml").load_data()
+    ins = {s.question for s in data.train_in + data.val_in}
+    outs = {s.question for s in data.train_out + data.val_out}
+    assert outs <= ins, "every out-of-scope question is also asked, in scope, over another picture"
+    assert "What is this?" in outs
+
+
+def test_answer_lists(tmp_path):
+    path = write_policy(tmp_path)
+    with (tmp_path / "in.jsonl").open("a") as f:
+        f.write('{"question": "How many?", "answer": ["two", 2]}\n')
+    assert read_jsonl(tmp_path / "in.jsonl", labelled=False)[-1].answer == ("two", "2")
+    with (tmp_path / "in.jsonl").open("a") as f:
+        f.write('{"question": "Which?", "answer": []}\n')
+    with pytest.raises(PolicyError, match=r"in\.jsonl:22: `answer` must be a string or a non-empty list"):
+        Policy.load(path).load_data()
