@@ -90,11 +90,14 @@ class PromptBatch:
 
 @dataclass
 class Sample:
-    """One example question, optionally over an image, optionally with a reference answer."""
+    """One example question, optionally over an image, optionally with a reference answer.
+
+    ``answer`` may list several accepted answers (``("two", "2")``); any one of them counts.
+    """
 
     question: str
     image: ImageInput | None = None
-    answer: str | None = None
+    answer: str | tuple[str, ...] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -111,6 +114,9 @@ class BackboneAdapter(ABC):
     #: transformers class names this adapter claims; shown by ``crvlm plugins``.
     model_classes: ClassVar[tuple[str, ...]] = ()
     supports_images: ClassVar[bool] = False
+    #: most images one prompt may carry. Adapters that allow more than one also accept
+    #: ``num_images=`` in :meth:`render_prompt` and a list of images in :meth:`encode_row`.
+    max_images: ClassVar[int] = 1
 
     def __init__(self, model: torch.nn.Module, processor: Any) -> None:
         self.model = model
@@ -150,11 +156,12 @@ class BackboneAdapter(ABC):
     def build_prompts(
         self,
         questions: Sequence[str],
-        images: Sequence[ImageInput | None] | None = None,
+        images: Sequence[ImageInput | Sequence[ImageInput] | None] | None = None,
         *,
         system: str | Sequence[str | None] | None = None,
         forced_prefix: str | None = None,
     ) -> PromptBatch:
+        """One left-padded batch; each question has no image, one, or a list of up to ``max_images``."""
         from crvlm_sdk.prompts import build_prompt_batch
 
         return build_prompt_batch(self, questions, images, system=system, forced_prefix=forced_prefix)

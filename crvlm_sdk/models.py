@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from crvlm_sdk.errors import ModelLoadError
+from crvlm_sdk.processors import load_processor
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -70,7 +71,10 @@ def load_model(
             is_vlm = config.get_text_config() is not config
             auto = transformers.AutoModelForImageTextToText if is_vlm else transformers.AutoModelForCausalLM
             net = auto.from_pretrained(path, dtype=torch_dtype)
-            processor = (transformers.AutoProcessor if is_vlm else transformers.AutoTokenizer).from_pretrained(path)
+            # VLM processors go through load_processor: AutoProcessor cannot build the Qwen/InternVL
+            # ones without torchvision (their video processors need it).
+            processor = (load_processor(path, config.model_type) if is_vlm
+                         else transformers.AutoTokenizer.from_pretrained(path))
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load model from {path}: {str(exc).splitlines()[0]}") from exc
     net.to(device)

@@ -52,15 +52,45 @@ def _per_row(value: str | Sequence[str | None] | None, n: int, what: str) -> lis
     return rows
 
 
+def row_images(image: ImageInput | Sequence[ImageInput] | None) -> list[ImageInput]:
+    """One prompt's images as a list: ``None`` -> none, one image -> one, a list -> several."""
+    if image is None:
+        return []
+    if isinstance(image, (list, tuple)):
+        return list(image)
+    return [image]
+
+
+def concat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate per-row image tensors along dim 0, zero-padding any other dim that differs.
+
+    Processors whose image tensors carry a per-row count (LLaVA-NeXT's any-res patches,
+    Idefics3's tiles and their pixel masks) pad a batch with zeros to its largest row; the
+    models drop those all-zero entries. Rows encoded one at a time are padded the same way here.
+    """
+    if len({t.shape[1:] for t in tensors}) <= 1:
+        return torch.cat(tensors, dim=0)
+    if len({t.dim() for t in tensors}) != 1:
+        raise CrvlmError(f"cannot batch image inputs of shapes {[tuple(t.shape) for t in tensors]}")
+    target = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
+    padded = []
+    for t in tensors:
+        pad: list[int] = []
+        for d in reversed(range(1, t.dim())):
+            pad.extend([0, target[d - 1] - t.shape[d]])
+        padded.append(torch.nn.functional.pad(t, pad))
+    return torch.cat(padded, dim=0)
+
+
 def build_prompt_batch(
     adapter: BackboneAdapter,
     questions: Sequence[str],
-    images: Sequence[ImageInput | None] | None = None,
+    images: Sequence[ImageInput | Sequence[ImageInput] | None] | None = None,
     *,
     system: str | Sequence[str | None] | None = None,
     forced_prefix: str | None = None,
 ) -> PromptBatch:
-    """Encode ``questions`` (each optionally over an image) as one left-padded batch."""
+    """Encode ``questions`` (each over no image, one, or a list of several) as one left-padded batch."""
     if isinstance(questions, str):
         questions = [questions]
     n = len(questions)
@@ -69,7 +99,7 @@ def build_prompt_batch(
     image_rows = list(images) if images is not None else [None] * n
     if len(image_rows) != n:
         raise CrvlmError(f"images: got {len(image_rows)} entries for {n} questions")
-    if any(img is not None for img in image_rows) and not adapter.supports_images:
+    if any(row_images(img) for img in image_rows) and not adapter.supports_images:
         raise AdapterError(
             f"adapter {adapter.name!r} is text-only but images were given",
             hint="use a vision-language model, or drop the images",
@@ -77,12 +107,24 @@ def build_prompt_batch(
     systems = _per_row(system, n, "system")
     prefix_ids = adapter.encode_text(forced_prefix) if forced_prefix else []
     seq_keys = getattr(adapter, "sequence_keys", SEQUENCE_KEYS)
+    max_images = int(getattr(adapter, "max_images", 1))
 
     rows: list[dict[str, torch.Tensor]] = []
     prompt_lens: list[int] = []
     for question, image, sys_msg in zip(questions, image_rows, systems, strict=True):
-        text = adapter.render_prompt(question, has_image=image is not None, system=sys_msg)
-        enc = adapter.encode_row(text, load_image(image) if image is not None else None)
+        pictures = row_images(image)
+        if len(pictures) > max_images:
+            raise AdapterError(
+                f"a prompt has {len(pictures)} images but adapter {adapter.name!r} takes at most {max_images}",
+                hint="give one image per question, or use a model that takes several",
+            )
+        if len(pictures) > 1:
+            # Only adapters declaring max_images > 1 see these keywords (older adapters never do).
+            text = adapter.render_prompt(question, has_image=True, system=sys_msg, num_images=len(pictures))
+            enc = adapter.encode_row(text, [load_image(p) for p in pictures])
+        else:
+            text = adapter.render_prompt(question, has_image=bool(pictures), system=sys_msg)
+            enc = adapter.encode_row(text, load_image(pictures[0]) if pictures else None)
         enc = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
         prompt_lens.append(int(enc["input_ids"].shape[1]))
         if prefix_ids:
@@ -109,7 +151,7 @@ def build_prompt_batch(
         else:
             # Image tensors exist only for rows with images; the model pairs them with the
             # image tokens in order, so concatenating the rows that have them is correct.
-            inputs[key] = torch.cat([r[key] for r in rows if key in r], dim=0)
+            inputs[key] = concat_padded([r[key] for r in rows if key in r])
     if "attention_mask" not in inputs:
         inputs["attention_mask"] = torch.stack(
             [torch.cat([torch.zeros(width - t, dtype=torch.long), torch.ones(t, dtype=torch.long)]) for t in total]

