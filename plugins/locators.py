@@ -24,6 +24,8 @@ DEFAULT_GRID: tuple[tuple[int, tuple[float, ...]], ...] = (
 
 
 def band_around(centre: int, width: int, num_layers: int) -> list[int]:
+    """``width`` consecutive layers centred on ``centre``, shifted (and cut) to fit the model."""
+    width = min(width, num_layers)
     start = max(0, min(centre - width // 2, num_layers - width))
     return list(range(start, start + width))
 
@@ -55,12 +57,13 @@ class SweepLocator(LayerLocator):
             # Early-middle layers, where refusal directions steer without wrecking fluency.
             fractions = (0.2, 0.3, 0.4)
             centres = list(dict.fromkeys(max(1, round(f * num_layers)) for f in fractions))
-        candidates = [
-            (band_around(c, width, num_layers), strength)
-            for c in centres
-            for width, strengths in grid
-            for strength in strengths
-        ]
+        candidates: list[tuple[list[int], float]] = []
+        for c in centres:
+            for width, strengths in grid:
+                for strength in strengths:
+                    candidate = (band_around(c, width, num_layers), strength)
+                    if candidate not in candidates:  # small models: bands collapse onto each other
+                        candidates.append(candidate)
         if not candidates:
             raise CrvlmError("the sweep has no candidates (empty grid or no centres)")
         deadline = time.monotonic() + time_budget

@@ -129,6 +129,14 @@ def test_sweep_picks_best_under_ceiling_and_is_deterministic():
     assert all(len(row["band"]) in (1, 3) for row in a.table)
 
 
+def test_sweep_fits_bands_inside_a_small_model():
+    calls: list = []
+    choice = SweepLocator().locate(2, _fake_evaluate(calls), gate_layer=1, seed=0)
+    assert all(set(band) <= {0, 1} for band, _ in calls)
+    assert len(calls) == len({(tuple(band), strength) for band, strength in calls})  # no repeats
+    assert set(choice.band) <= {0, 1}
+
+
 def test_sweep_respects_time_budget():
     calls: list = []
     choice = SweepLocator().locate(30, _fake_evaluate(calls), gate_layer=20, time_budget=0.0)
