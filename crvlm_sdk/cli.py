@@ -52,17 +52,29 @@ def user_errors(fn: F) -> F:
 @app.command()
 @user_errors
 def plugins() -> None:
-    """List every installed component (built-in and plugin) and plugins that failed to load."""
+    """List every installed component (built-in and plugin) and plugins that failed to load.
+
+    Adapters come first, each with the model classes it claims, where it finds the decoder
+    layers and what it prompts with, so "which adapter will handle my model" has an answer
+    before a model is loaded.
+    """
     from crvlm_sdk.plugins import KINDS, get_plugin_manager
 
     manager = get_plugin_manager()
+    adapters = Table(title="backbone adapters (first match wins, in this order)")
+    for column in ("name", "provider", "claims", "decoder layers", "inputs"):
+        adapters.add_column(column, overflow="fold")
+    for component in manager.components("adapter").values():
+        adapters.add_row(component.name, component.provider, *_adapter_summary(component.cls))
+    console.print(adapters)
     table = Table(title="crvlm components")
-    for column in ("kind", "name", "provider", "claims"):
+    for column in ("kind", "name", "provider"):
         table.add_column(column, overflow="fold")
     for kind in KINDS:
+        if kind == "adapter":
+            continue
         for component in manager.components(kind).values():
-            claims = ", ".join(getattr(component.cls, "model_classes", ()) or ()) if kind == "adapter" else ""
-            table.add_row(kind, component.name, component.provider, claims)
+            table.add_row(kind, component.name, component.provider)
     console.print(table)
     if manager.failures:
         failed = Table(title="plugins that failed to load", title_style="bold red")
@@ -71,6 +83,22 @@ def plugins() -> None:
         for failure in manager.failures:
             failed.add_row(failure.name, failure.error)
         console.print(failed)
+
+
+def _adapter_summary(cls: type) -> tuple[str, str, str]:
+    """(claimed classes, layers path, input kinds) of an adapter class, for ``crvlm plugins``."""
+    from crvlm_sdk.interfaces import BackboneAdapter
+
+    claims = ", ".join(getattr(cls, "model_classes", ()) or ())
+    if getattr(cls, "matches", None) is not None and cls.matches.__func__ is not BackboneAdapter.matches.__func__:
+        claims = f"{claims} + others it recognises by layout" if claims else "models it recognises by layout"
+    layers = getattr(cls, "layers_path", None) or "(adapter-defined)"
+    if getattr(cls, "supports_images", False):
+        most = int(getattr(cls, "max_images", 1))
+        inputs = f"text + up to {most} image{'s' if most > 1 else ''}"
+    else:
+        inputs = "text"
+    return claims or "-", layers, inputs
 
 
 @app.command()
@@ -313,16 +341,57 @@ def generate(
     console.print(table)
 
 
+@app.command("demo-model")
+@user_errors
+def demo_model_cmd(
+    out: Annotated[Path, typer.Option(help="directory to write the model to (save_pretrained layout)")],
+    overwrite: Annotated[bool, typer.Option(help="replace an existing directory")] = False,
+    check: Annotated[bool, typer.Option(help="measure colour/shape answer accuracy on held-out pictures")] = False,
+    check_samples: Annotated[int, typer.Option(min=1, help="held-out pictures for --check")] = 200,
+    report: Annotated[Path | None, typer.Option(help="write the --check figures to this JSON file")] = None,
+) -> None:
+    """Assemble the demo VLM (LLaVA: SmolLM2-135M + a small trained CLIP tower) offline."""
+    import json
+    import time
+
+    from crvlm_sdk import demo_vlm
+    from crvlm_sdk.models import load_model
+
+    started = time.perf_counter()
+    path = demo_vlm.build_demo_model(out, overwrite=overwrite)
+    console.print(f"demo VLM written to [cyan]{path}[/] in {time.perf_counter() - started:.0f}s; load it with "
+                  "AutoModelForImageTextToText.from_pretrained and AutoProcessor.from_pretrained")
+    if not check:
+        return
+    model, processor = load_model(path)
+    figures = {"pictures": demo_vlm.check_answers(model, processor, n=check_samples),
+               "blank": demo_vlm.check_answers(model, processor, n=check_samples, blank=True)}
+    table = Table(title=f"Greedy answers on {check_samples} held-out pictures")
+    for column in ("input", demo_vlm.COLOUR_QUESTION, demo_vlm.SHAPE_QUESTION):
+        table.add_column(column)
+    for name, label in (("pictures", "synthetic pictures"), ("blank", "blank picture (control)")):
+        table.add_row(label, f"{figures[name]['colour']:.1%}", f"{figures[name]['shape']:.1%}")
+    console.print(table)
+    if report is not None:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(json.dumps(figures, indent=2) + "\n")
+        console.print(f"figures written to [cyan]{report}[/]")
+
+
 @app.command()
 @user_errors
 def demo(
-    out: Annotated[Path, typer.Option(help="where the demo bundle is written")] = Path("demo-out"),
-    max_new_tokens: Annotated[int, typer.Option(min=1)] = 40,
+    out: Annotated[Path, typer.Option(help="where the demo model, policy and bundle are written")] = Path("demo-out"),
+    text: Annotated[bool, typer.Option("--text", help="the text-only cooking demo on SmolLM2 instead")] = False,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 30,
 ) -> None:
-    """Build a cooking-only bundle for SmolLM2-135M-Instruct and compare answers with and without it."""
-    from crvlm_sdk.demo import run_demo
+    """Build the demo VLM and a no-stars bundle, and compare answers about pictures with and without it."""
+    from crvlm_sdk.demo import run_demo, run_vlm_demo
 
-    run_demo(out, max_new_tokens=max_new_tokens, console=console)
+    if text:
+        run_demo(out, max_new_tokens=max_new_tokens, console=console)
+    else:
+        run_vlm_demo(out, max_new_tokens=max_new_tokens, console=console)
 
 
 def main() -> None:  # pragma: no cover - console-script shim

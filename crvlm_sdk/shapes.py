@@ -39,7 +39,7 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 }
 IMAGE_SIZE = 64
 
-_SIZE_PIXELS = {"small": (11, 14), "large": (18, 24)}  # shape diameter range, in pixels
+_SIZE_PIXELS = {"small": (13, 17), "large": (21, 26)}  # shape diameter range, in pixels
 
 
 @dataclass(frozen=True)
@@ -113,14 +113,18 @@ def draw_scene(scene: Scene, rng: random.Random) -> tuple[Image.Image, Scene]:
     img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), _jitter(BACKGROUNDS[scene.background], rng, 8))
     draw = ImageDraw.Draw(img)
     lo, hi = _SIZE_PIXELS[scene.size]
+    reach = 1.21 if scene.shape == "square" else 1.0  # a square's corners stick out of its circle
     placed: list[tuple[float, float, float]] = []
     for _ in range(scene.count):
-        for _attempt in range(200):
-            r = rng.uniform(lo, hi) / 2
-            cx = rng.uniform(r + 2, IMAGE_SIZE - r - 2)
-            cy = rng.uniform(r + 2, IMAGE_SIZE - r - 2)
-            if all(math.hypot(cx - x, cy - y) > r + pr + 3 for x, y, pr in placed):
+        attempt = 0
+        while True:
+            shrink = 0.95 ** (attempt // 50)  # crowded: make this shape a little smaller
+            r = rng.uniform(lo, hi) * shrink / 2
+            cx = rng.uniform(r * reach + 2, IMAGE_SIZE - r * reach - 2)
+            cy = rng.uniform(r * reach + 2, IMAGE_SIZE - r * reach - 2)
+            if all(math.hypot(cx - x, cy - y) > (r + pr) * reach + 3 for x, y, pr in placed):
                 break
+            attempt += 1
         placed.append((cx, cy, r))
         fill = _jitter(COLOURS[scene.colour], rng, 20)
         if scene.shape == "circle":
