@@ -28,12 +28,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import save_file
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from crvlm_sdk import demo_vlm, shapes
 
 OUT = Path(__file__).resolve().parent.parent / "crvlm_sdk" / "data" / "demo_vlm"
-MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)  # CLIPImageProcessor defaults
-STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+MEAN = torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1)  # CLIPImageProcessor's defaults
+STD = torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
 
 
 def pixels(images: list) -> torch.Tensor:

