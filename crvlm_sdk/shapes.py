@@ -56,10 +56,16 @@ class Scene:
         return self.shape if self.count == 1 else self.shape + "s"
 
     def description(self) -> str:
-        """The sentence the demo VLM's image tokens are trained to stand for."""
-        if self.count == 1:
-            return f"The image shows a {self.size} {self.colour} {self.shape}."
-        return f"The image shows {COUNT_WORDS[self.count]} {self.size} {self.colour} {self.noun}."
+        """The sentence the demo VLM's image tokens are trained to stand for.
+
+        The shape word comes first and the colour is restated at the end: with the plain
+        "The image shows two large blue stars." SmolLM2 misnamed the shape of many
+        multi-shape pictures even when given the sentence's exact embeddings (0.90 shape,
+        0.93 colour on 100 pictures); this wording scores 1.00 / 0.97 on the same test.
+        """
+        noun = self.shape if self.count == 1 else self.noun
+        amount = "a" if self.count == 1 else COUNT_WORDS[self.count]
+        return f"The image shows {noun}: {amount} {self.size} {self.colour} {noun}. Colour: {self.colour}."
 
 
 def random_scene(rng: random.Random, *, shape: str | None = None, count: int | None = None) -> Scene:

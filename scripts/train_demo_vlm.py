@@ -5,7 +5,8 @@
 Writes ``crvlm_sdk/data/demo_vlm/vision.safetensors`` (float16) and ``train_log.txt`` next to
 it. The objective needs no back-propagation through the language model: for each picture, the
 16 projected image tokens are regressed onto SmolLM2's input embeddings of a sentence that
-describes the picture ("The image shows two large blue stars.", padded with spaces), by mean
+describes the picture (:meth:`crvlm_sdk.shapes.Scene.description`: "The image shows stars: two
+large blue stars. Colour: blue.", padded with spaces), by mean
 squared error (relative to the targets' mean square) plus cosine distance. Auxiliary linear
 heads on the mean-pooled tower output classify shape, colour, count and size during
 training (they are not part of the model and are not saved): they give the tower a direct

@@ -37,9 +37,9 @@ def test_the_described_colour_is_the_dominant_non_background_colour(colour: str)
 
 def test_descriptions_and_positions() -> None:
     scene = shapes.Scene(shape="star", colour="red", count=3, size="small", background="grey", position=None)
-    assert scene.description() == "The image shows three small red stars."
+    assert scene.description() == "The image shows stars: three small red stars. Colour: red."
     one = shapes.Scene(shape="circle", colour="blue", count=1, size="large", background="grey", position=None)
-    assert one.description() == "The image shows a large blue circle."
+    assert one.description() == "The image shows circle: a large blue circle. Colour: blue."
     _, drawn = shapes.draw_scene(one, random.Random(0))
     assert drawn.position in {"left", "right", "top", "bottom", "centre"}
     _, many = shapes.draw_scene(scene, random.Random(0))
