@@ -45,6 +45,8 @@ class BuildOptions:
     aligner: str | None = "counterfactual"
     judge: str = "keyword"
     operator: str = "additive"
+    #: steer the prompt and this many generated tokens (None: all; see Manifest.decode_steps)
+    decode_steps: int | None = None
     batch_size: int = 8
     max_samples: int | None = None
     seed: int | None = None
@@ -134,6 +136,10 @@ def build_bundle(
         if not hasattr(opts, key):
             raise CrvlmError(f"unknown build option {key!r}")
         setattr(opts, key, value)
+    if opts.operator not in ("additive", "rotation"):
+        raise CrvlmError(f"unknown operator {opts.operator!r}", hint="use 'additive' or 'rotation'")
+    if opts.decode_steps is not None and opts.decode_steps < 0:
+        raise CrvlmError(f"decode_steps must be >= 0 or None, got {opts.decode_steps}")
     manager = plugins or get_plugin_manager()
     pol = policy if isinstance(policy, Policy) else Policy.load(policy)
     if opts.seed is not None:
@@ -185,6 +191,7 @@ def build_bundle(
         return Bundle.create(
             adapter=backbone, policy=pol.summary(len(data.train_in), len(data.train_out)), vectors=vecs,
             gate=gate_fit.gate, gate_layer=gate_fit.layer, alpha=alpha, operator=opts.operator,
+            decode_steps=opts.decode_steps,
         )
 
     def score(bundle: Bundle, rows: Sequence[Sample], labels: Sequence[bool], new_tokens: int) -> dict[str, float]:

@@ -31,7 +31,7 @@ from crvlm_sdk.errors import BundleError
 from crvlm_sdk.interfaces import BackboneAdapter, Fingerprint, Gate
 from crvlm_sdk.plugins import PluginManager, get_plugin_manager
 
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"  # 1.1: `decode_steps`
 MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
 
@@ -70,6 +70,8 @@ class Manifest(BaseModel):
     layers: list[int]
     alpha: float
     operator: Operator = "additive"
+    #: Steer the prompt and this many decoding steps, then stop (``None``: every generated token).
+    decode_steps: int | None = Field(default=None, ge=0)
     gate: GateSpec
     extraction: dict[str, Any] = Field(default_factory=dict)
     validation: dict[str, Any] = Field(default_factory=dict)
@@ -106,6 +108,7 @@ class Bundle:
         gate_layer: int,
         alpha: float,
         operator: Operator = "additive",
+        decode_steps: int | None = None,
         extraction: Mapping[str, Any] | None = None,
         validation: Mapping[str, Any] | None = None,
         extra_tensors: Mapping[str, torch.Tensor] | None = None,
@@ -119,6 +122,7 @@ class Bundle:
             layers=sorted(int(k) for k in vectors),
             alpha=float(alpha),
             operator=operator,
+            decode_steps=decode_steps,
             gate=GateSpec(type=gate.name, layer=gate_layer, params=sorted(gate.tensors()), config=gate.config()),
             extraction=dict(extraction or {}),
             validation=dict(validation or {}),

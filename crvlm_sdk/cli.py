@@ -119,7 +119,8 @@ def inspect(path: Annotated[Path, typer.Argument(help="bundle directory")]) -> N
                      f"{m.backbone.num_layers} layers × {m.backbone.hidden_size}, vocab {m.backbone.vocab_size}"),
         ("backbone hash", m.backbone.first_layer_sha256),
         ("adapter", m.adapter),
-        ("steering", f"layers {m.layers}, α={m.alpha:g}, operator {m.operator}"),
+        ("steering", f"layers {m.layers}, α={m.alpha:g}, operator {m.operator}, "
+                     f"{'every token' if m.decode_steps is None else f'prompt + {m.decode_steps} generated tokens'}"),
         ("gate", f"{m.gate.type} at layer {m.gate.layer} "
                  f"({'unsteered pre-pass' if m.needs_prepass else 'read in the same pass'}); config {m.gate.config}"),
         ("extraction", ", ".join(f"{k}={v}" for k, v in m.extraction.items()) or "-"),
@@ -197,6 +198,9 @@ def build_bundle_cmd(
     strength: Annotated[float | None, typer.Option(help="fixed locator: α relative to the residual norm")] = None,
     time_budget: Annotated[float, typer.Option(help="sweep time budget in seconds")] = 900.0,
     no_aligner: Annotated[bool, typer.Option("--no-aligner", help="switch off counterfactual alignment")] = False,
+    operator: Annotated[str, typer.Option(help="additive or rotation (norm-preserving)")] = "additive",
+    decode_steps: Annotated[int | None, typer.Option(
+        min=0, help="steer the prompt and this many generated tokens only (default: every token)")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing bundle at --out")] = False,
 ) -> None:
     """Build a refusal bundle from a policy: vectors, gate, layers and α chosen on validation data."""
@@ -213,7 +217,7 @@ def build_bundle_cmd(
     options = BuildOptions(
         extractor=extractor, extractor_options=extractor_options, gate=gate, locator=locator,
         locator_options=locator_options, aligner=None if no_aligner else "counterfactual",
-        batch_size=batch_size, max_samples=max_samples, seed=seed,
+        batch_size=batch_size, max_samples=max_samples, seed=seed, operator=operator, decode_steps=decode_steps,
     )
     net, processor, _ = _load(model, gguf_file, device, dtype, adapter)
     bundle = build_bundle(net, processor, policy, adapter=adapter, options=options, console=console)
@@ -237,7 +241,8 @@ def _print_build_summary(bundle: Any, path: Path) -> None:
     summary = Table(title=f"bundle {m.policy.name} → {path}", show_header=False)
     summary.add_column("", style="bold")
     summary.add_column("")
-    summary.add_row("steering layers", f"{m.layers} (α={m.alpha:.3g}, {m.operator})")
+    steps = "" if m.decode_steps is None else f", prompt + {m.decode_steps} generated tokens"
+    summary.add_row("steering layers", f"{m.layers} (α={m.alpha:.3g}, {m.operator}{steps})")
     summary.add_row("gate", f"{m.gate.type} at layer {m.gate.layer}: caught {v['gate_caught']:.0%} of "
                             f"out-of-scope, flagged {v['gate_flagged']:.0%} of in-scope (validation)")
     summary.add_row("validation", f"SRS {v['srs']:.3f}  BRS {v['brs']:.3f}  MB {v['mb']:.3f} "

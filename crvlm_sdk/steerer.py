@@ -9,7 +9,12 @@ How a forward pass is steered (all hooks installed by :meth:`Steerer.apply`, rem
   preallocated buffer with ``copy_``; decoding steps reuse the frozen value. If a gate layer
   sits at or above any steering band, an unsteered *pre-pass* (stopped right after the gate
   layer) reads the gate first, so gates always see the model they were trained on;
-- every layer of a bundle's band adds ``scale[b] · v_l`` where ``scale = α·p·row_mask``.
+- every layer of a bundle's band adds ``scale[b] · v_l`` where ``scale = α·p·row_mask``;
+- a bundle whose manifest sets ``decode_steps = k`` steers the prompt and the first ``k``
+  generated tokens only, then its ``scale`` is zeroed in place. On small models a push strong
+  enough to start a refusal wrecks the text if it never lets go; stopping after a few tokens
+  leaves a refusal opening that the model continues on its own. Token positions decide, so
+  generation without a KV cache steers the same tokens as cached generation.
 
 Inside ``model.generate`` the first forward call is the prefill and every later one a
 decoding step, with or without KV cache (so cached and uncached generation agree). Outside
@@ -64,6 +69,8 @@ class _Loaded:
     p: torch.Tensor | None = None
     row_mask: torch.Tensor | None = None
     scale: torch.Tensor | None = None
+    #: (1, seq, 1) 0/1 per token when a ``decode_steps`` limit falls inside this call's tokens
+    token_mask: torch.Tensor | None = None
 
     @property
     def name(self) -> str:
@@ -77,6 +84,8 @@ class _State:
     generate_started: bool = False
     in_prepass: bool = False
     prefill: bool = False
+    step: int = 0  # decoding steps since the last prefill
+    prefill_len: int = 0
     last_index: torch.Tensor | None = None
     selection: torch.Tensor | None = None  # (n_bundles, rows) float32 on CPU, or None = all on
 
@@ -195,7 +204,7 @@ class Steerer:
                 return None
             h = layer_hidden(output)
             for item in band:
-                h = _steer(h, item.scale, item.vectors[layer], item.bundle.manifest.operator)
+                h = _steer(h, item.scale, item.vectors[layer], item.bundle.manifest.operator, item.token_mask)
             return with_hidden(output, h)
 
         return hook
@@ -224,12 +233,41 @@ class Steerer:
         else:
             state.prefill = not _has_cached_tokens(kwargs)
         if not state.prefill:
+            state.step += 1
+            self._limit_decode_steps(seq_len, hidden.device)
             return None
+        state.step, state.prefill_len = 0, seq_len
+        for item in self._loaded:
+            item.token_mask = None
         state.last_index = last_token_index(kwargs.get("attention_mask"), seq_len, batch, hidden.device)
         self._prepare_buffers(batch)
         if self._prepass_stop >= 0:
             self._run_prepass(module, args, kwargs)
         return None
+
+    def _limit_decode_steps(self, seq_len: int, device: torch.device) -> None:
+        """Stop steering bundles with ``decode_steps`` once that many decoding steps have run.
+
+        Token positions decide, not call counts, so generation without a KV cache (which
+        re-runs the whole sequence each step) steers exactly the tokens cached generation
+        steered: the prompt and the first ``decode_steps`` generated tokens that are fed back.
+        """
+        state = self._state
+        total = state.prefill_len + state.step  # one new token per step, as in generate
+        start = total - seq_len
+        for item in self._loaded:
+            limit = item.bundle.manifest.decode_steps
+            if limit is None:
+                continue
+            end = state.prefill_len + limit  # positions >= end are not steered
+            if start >= end:
+                item.token_mask = None
+                item.scale.zero_()  # in place: a compiled decoding step keeps reading this buffer
+            elif total > end:
+                positions = torch.arange(start, total, device=device)
+                item.token_mask = (positions < end).float().view(1, -1, 1)
+            else:
+                item.token_mask = None
 
     def _prepare_buffers(self, batch: int) -> None:
         selection = self._state.selection
@@ -404,8 +442,11 @@ class _FirstLogits(LogitsProcessor):
         return scores
 
 
-def _steer(h: torch.Tensor, scale: torch.Tensor, vector: torch.Tensor, operator: str) -> torch.Tensor:
+def _steer(h: torch.Tensor, scale: torch.Tensor, vector: torch.Tensor, operator: str,
+           token_mask: torch.Tensor | None = None) -> torch.Tensor:
     delta = scale.to(device=h.device, dtype=h.dtype).view(-1, 1, 1) * vector
+    if token_mask is not None:
+        delta = delta * token_mask.to(device=h.device, dtype=h.dtype)
     if operator == "additive":
         return h + delta
     # rotation: move toward the vector, then restore each token's norm

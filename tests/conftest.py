@@ -119,7 +119,7 @@ GATE_QUESTIONS = [
 
 
 def make_bundle(adapter, *, name: str = "test", layers=(1, 2), gate_layer: int = 0, alpha: float = 2.0,
-                operator: str = "additive", seed: int = 0, gate=None) -> Bundle:
+                operator: str = "additive", seed: int = 0, gate=None, decode_steps: int | None = None) -> Bundle:
     """A bundle with random unit vectors and a random soft probe gate.
 
     The probe standardises with statistics of real prompts at the gate layer, so on a tiny
@@ -143,6 +143,7 @@ def make_bundle(adapter, *, name: str = "test", layers=(1, 2), gate_layer: int =
         gate_layer=gate_layer,
         alpha=alpha,
         operator=operator,
+        decode_steps=decode_steps,
     )
 
 

@@ -80,6 +80,25 @@ def test_build_refuses_existing_out(tiny_llama_dir, small_policy, tmp_path):
     assert result.exit_code == 1 and "already exists" in result.output
 
 
+def test_build_with_rotation_and_decode_steps_through_cli(tiny_llama_dir, small_policy, tmp_path):
+    out = tmp_path / "bundle"
+    result = runner.invoke(app, ["build-bundle", "--model", str(tiny_llama_dir), "--policy", str(small_policy),
+                                 "--out", str(out), "--batch-size", "4", "--locator", "fixed", "--band", "1",
+                                 "--strength", "1.1", "--operator", "rotation", "--decode-steps", "3"],
+                           env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "prompt + 3 generated tokens" in result.output
+    m = Bundle.load(out).manifest
+    assert (m.operator, m.decode_steps, m.layers) == ("rotation", 3, [1])
+
+
+def test_build_rejects_unknown_operator_with_one_line(tiny_llama_dir, small_policy, tmp_path):
+    result = runner.invoke(app, ["build-bundle", "--model", str(tiny_llama_dir), "--policy", str(small_policy),
+                                 "--out", str(tmp_path / "b"), "--operator", "sideways"])
+    assert result.exit_code == 1 and "unknown operator 'sideways'" in result.output
+    assert not (tmp_path / "b").exists()
+
+
 def stable(validation: dict) -> dict:
     """Validation record without wall-clock timings."""
     out = {k: v for k, v in validation.items() if k != "build_seconds"}

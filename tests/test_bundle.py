@@ -111,6 +111,22 @@ def test_newer_minor_format_with_unknown_keys_warns(saved):
         Bundle.load(path)
 
 
+def test_format_1_0_bundle_without_decode_steps_steers_every_token(saved):
+    _, path, _ = saved
+    edit_manifest(path, format_version="1.0", decode_steps=None)  # None deletes the key
+    assert "decode_steps" not in json.loads((path / MANIFEST).read_text())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BundleWarning)
+        assert Bundle.load(path).manifest.decode_steps is None
+
+
+def test_negative_decode_steps_is_a_field_error(saved):
+    _, path, _ = saved
+    edit_manifest(path, decode_steps=-1)
+    with pytest.raises(BundleError, match="field `decode_steps`"):
+        Bundle.load(path)
+
+
 def test_known_keys_load_without_warning(saved):
     _, path, _ = saved
     with warnings.catch_warnings():

@@ -156,10 +156,40 @@ def test_unknown_bundle_name_in_rows(tiny_llama):
         pass
 
 
-@pytest.mark.parametrize("gate_layer", [0, 3])
-def test_generate_with_cache_equals_without(tiny, gate_layer):
+@pytest.mark.parametrize("decode_steps", [None, 0, 2])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_decode_steps_limits_steering_to_the_first_generated_tokens(tiny_llama, decode_steps, use_cache):
+    model, _, adapter = tiny_llama
+    bundle = make_bundle(adapter, layers=(1,), gate_layer=0, alpha=4.0, decode_steps=decode_steps)
+    steerer = steerer_for(adapter, bundle)
+    layer = adapter.decoder_layers()[1]
+    before: list[torch.Tensor] = []
+    after: list[torch.Tensor] = []
+    # Hooks run in registration order: one registered before apply() sees the unsteered output,
+    # one registered inside it sees the steered output, so their difference is the steering.
+    first = layer.register_forward_hook(lambda m, a, o: before.append(layer_hidden(o)[:, -1].clone()))
+    try:
+        with steerer.apply():
+            second = layer.register_forward_hook(lambda m, a, o: after.append(layer_hidden(o)[:, -1].clone()))
+            try:
+                batch = _batch(adapter)
+                with torch.inference_mode():
+                    model.generate(**batch.inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                                   use_cache=use_cache, pad_token_id=adapter.pad_token_id)
+            finally:
+                second.remove()
+    finally:
+        first.remove()
+    steered = [bool((b - a).abs().max() > 1e-6) for a, b in zip(before, after, strict=True)]
+    assert len(steered) == 6  # the prefill and five decoding steps
+    limit = len(steered) if decode_steps is None else decode_steps + 1
+    assert steered == [True] * limit + [False] * (len(steered) - limit)
+
+
+@pytest.mark.parametrize(("gate_layer", "decode_steps"), [(0, None), (3, None), (0, 2)])
+def test_generate_with_cache_equals_without(tiny, gate_layer, decode_steps):
     _model, _, adapter = tiny
-    bundle = make_bundle(adapter, layers=(1, 2), gate_layer=gate_layer, alpha=6.0)
+    bundle = make_bundle(adapter, layers=(1, 2), gate_layer=gate_layer, alpha=6.0, decode_steps=decode_steps)
     steerer = steerer_for(adapter, bundle)
     images = _images(adapter, len(QUESTIONS))
     kwargs = {"max_new_tokens": 8, "min_new_tokens": 8}
