@@ -29,8 +29,10 @@ from crvlm_sdk.interfaces import (
 from crvlm_sdk.models import load_model
 from crvlm_sdk.plugins import PluginManager, get_plugin_manager
 from crvlm_sdk.policy import Policy, PolicyError
+from crvlm_sdk.processors import load_processor
 from crvlm_sdk.prompts import ChatTemplateAdapter
 from crvlm_sdk.steerer import Steerer
+from crvlm_sdk.vlm_adapter import VisionChatAdapter
 
 __all__ = [
     "ActivationStats",
@@ -59,6 +61,7 @@ __all__ = [
     "Sample",
     "Steerer",
     "VectorExtractor",
+    "VisionChatAdapter",
     "VisualAligner",
     "__version__",
     "adapter_for",
@@ -68,5 +71,6 @@ __all__ = [
     "get_plugin_manager",
     "hookimpl",
     "load_model",
+    "load_processor",
     "write_report",
 ]

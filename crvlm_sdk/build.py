@@ -93,12 +93,10 @@ def fit_gate(
         if extra_rows:
             h_in = torch.cat([h_in, extra_rows["gate_in"][layer]])
             h_out = torch.cat([h_out, extra_rows["gate_out"][layer]])
-        gate = gate_cls.untrained(adapter.hidden_size) if hasattr(gate_cls, "untrained") else gate_cls(
-            torch.zeros(adapter.hidden_size))
+        gate = gate_cls.untrained(adapter.hidden_size)
         torch.manual_seed(options.seed or 0)
         gate.fit(h_in, h_out)
-        if hasattr(gate, "calibrate"):
-            gate.calibrate(vrows[:v_in], target_over_refusal=options.target_over_refusal)
+        gate.calibrate(vrows[:v_in], target_over_refusal=options.target_over_refusal)
         p = gate.score(vrows)
         caught = float((p[v_in:] > 0.5).float().mean())
         flagged = float((p[:v_in] > 0.5).float().mean())
@@ -106,8 +104,7 @@ def fit_gate(
         if best is None or caught - flagged > best.caught - best.flagged:
             best = GateFit(layer, gate, caught, flagged, table)
     assert best is not None
-    if hasattr(best.gate, "temperature"):
-        best.gate.temperature = options.gate_temperature
+    best.gate.soften(options.gate_temperature)
     return best
 
 

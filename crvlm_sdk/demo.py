@@ -62,7 +62,7 @@ def build_demo_bundle(adapter: BackboneAdapter, policy: dict[str, Any], *, seed:
     h_in, h_out = rows[: len(ins)], rows[len(ins) :]
     gate = plugins.get("gate", "probe").untrained(adapter.hidden_size)
     fit = gate.fit(h_in[held:], h_out[held:])
-    gate.temperature = 0.25  # a sharper gate: in-scope rows get p ≈ 0, not a small leak
+    gate.soften(0.25)  # a sharper gate: in-scope rows get p ≈ 0, not a small leak
     gate.calibrate(h_in[:held], target_over_refusal=0.02)
     caught = float((gate.score(h_out[:held]) > 0.5).float().mean())
     flagged = float((gate.score(h_in[:held]) > 0.5).float().mean())

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Union
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from crvlm_sdk.errors import PluginError
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -208,9 +210,32 @@ class Gate(ABC):
     def from_tensors(cls, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> Gate:
         """Rebuild the gate from :meth:`tensors` and :meth:`config`."""
 
+    @classmethod
+    def untrained(cls, hidden_size: int) -> Gate:
+        """A gate ready for :meth:`fit` on ``hidden_size`` features (default: ``cls()``)."""
+        try:
+            return cls()
+        except TypeError as exc:
+            raise PluginError(f"gate {cls.name!r} needs constructor arguments ({exc})",
+                              hint="give the gate class an `untrained(hidden_size)` classmethod") from None
+
     def fit(self, h_in: torch.Tensor, h_out: torch.Tensor, **options: Any) -> dict[str, float]:
         """Train on in-scope (label 0) and out-of-scope (label 1) activations; returns metrics."""
         raise NotImplementedError(f"gate {self.name!r} cannot be fitted")
+
+    def calibrate(self, h_in_val: torch.Tensor, target_over_refusal: float = 0.02) -> float | None:
+        """Move the decision threshold so held-out in-scope rows pass it at about the target rate.
+
+        Gates without a threshold keep the default, which changes nothing and returns None.
+        """
+        return None
+
+    def soften(self, temperature: float) -> None:
+        """Set how sharply ``p`` goes from 0 to 1 around the threshold (for steering at runtime).
+
+        Build pipelines call it after calibration; gates without a temperature ignore it.
+        """
+        return None
 
     def to(self, device: torch.device | str) -> Gate:
         """Move parameters to ``device`` (kept float32: gate maths is cheap and precision matters)."""

@@ -357,7 +357,7 @@ class Steerer:
     def generate(
         self,
         questions: Sequence[str] | str,
-        images: Sequence[ImageInput | None] | None = None,
+        images: Sequence[ImageInput | Sequence[ImageInput] | None] | None = None,
         *,
         system: str | None = None,
         rows: Sequence[Sequence[str]] | None = None,
@@ -373,7 +373,7 @@ class Steerer:
     def generate_detailed(
         self,
         questions: Sequence[str] | str,
-        images: Sequence[ImageInput | None] | None = None,
+        images: Sequence[ImageInput | Sequence[ImageInput] | None] | None = None,
         *,
         system: str | None = None,
         rows: Sequence[Sequence[str]] | None = None,
@@ -403,7 +403,7 @@ class Steerer:
     def gate_scores(
         self,
         questions: Sequence[str] | str,
-        images: Sequence[ImageInput | None] | None = None,
+        images: Sequence[ImageInput | Sequence[ImageInput] | None] | None = None,
         *,
         system: str | None = None,
         batch_size: int = 16,

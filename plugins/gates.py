@@ -123,6 +123,11 @@ class ProbeGate(Gate):
         pred = (self.logits(torch.cat([h_in, h_out]).float()) > 0).double()
         return {"train_accuracy": float((pred == y).double().mean())}
 
+    def soften(self, temperature: float) -> None:
+        if temperature <= 0:
+            raise CrvlmError(f"probe gate temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+
     def calibrate(self, h_in_val: torch.Tensor, target_over_refusal: float = 0.02) -> float:
         """Set the threshold so that about ``target_over_refusal`` of in-scope inputs pass it.
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import make_bundle, pip_install_into
 
+from crvlm_plugins.gates import AlwaysGate
 from crvlm_sdk import PluginError, PluginManager, Steerer
 from crvlm_sdk.plugins import KINDS
 
@@ -47,6 +48,18 @@ def test_builtins_are_registered_through_hooks():
     assert set(KINDS) == {"adapter", "gate", "extractor", "locator", "aligner", "judge"}
 
 
+def test_gate_that_needs_constructor_arguments_must_say_how_to_start_untrained():
+    class Needy(AlwaysGate):
+        name = "needy"
+
+        def __init__(self, direction: torch.Tensor) -> None:
+            self.direction = direction
+
+    with pytest.raises(PluginError, match=r"gate 'needy' needs constructor arguments"):
+        Needy.untrained(8)
+    assert isinstance(AlwaysGate.untrained(8), AlwaysGate)
+
+
 def test_unknown_name_lists_installed():
     with pytest.raises(PluginError, match=r"unknown gate 'nope'; installed: .*always.*probe"):
         fresh_manager().get("gate", "nope")
@@ -61,9 +74,11 @@ def test_example_plugin_is_discovered_after_pip_install(installed_example, monke
 
     # ...and works end to end: fit, save in a bundle, steer through the Steerer
     _, _, adapter = tiny_llama
-    gate = component.cls(torch.zeros(adapter.hidden_size))
+    gate = component.cls.untrained(adapter.hidden_size)  # what the build pipeline calls
     metrics = gate.fit(torch.randn(20, adapter.hidden_size) - 1, torch.randn(20, adapter.hidden_size) + 1)
     assert metrics["train_accuracy"] > 0.9
+    gate.soften(0.2)
+    assert gate.config()["temperature"] == 0.2
     bundle = make_bundle(adapter, gate=gate)
     assert bundle.manifest.gate.type == "cosine"
     steerer = Steerer(adapter, [bundle], plugins=manager)

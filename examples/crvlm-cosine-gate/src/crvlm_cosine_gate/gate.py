@@ -18,6 +18,13 @@ class CosineGate(Gate):
         self.cutoff = float(cutoff)
         self.temperature = float(temperature)
 
+    @classmethod
+    def untrained(cls, hidden_size: int) -> CosineGate:
+        return cls(torch.zeros(hidden_size))
+
+    def soften(self, temperature: float) -> None:
+        self.temperature = float(temperature)
+
     def score(self, h: torch.Tensor) -> torch.Tensor:
         cos = torch.nn.functional.cosine_similarity(h.float(), self.direction.unsqueeze(0), dim=-1)
         return torch.sigmoid((cos - self.cutoff) / self.temperature)
