@@ -211,7 +211,7 @@ def build_bundle(
 
     locator = manager.get("locator", opts.locator)()
     choice = locator.locate(backbone.num_layers, evaluate, gate_layer=gate_fit.layer, seed=seed,
-                            **opts.locator_options)
+                            **{"operator": opts.operator, **opts.locator_options})
     # 5. weight of the image-driven component, chosen on validation
     image_weight, image_table = 0.0, []
     val_rows = data.val_in + data.val_out

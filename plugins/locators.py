@@ -22,6 +22,14 @@ DEFAULT_GRID: tuple[tuple[int, tuple[float, ...]], ...] = (
     (3, (0.3, 0.4, 0.5)),
 )
 
+#: The norm-preserving rotation takes back part of each push, so it needs larger strengths;
+#: on SmolLM2 single layers refused from about 1.0 and three-layer bands only broke the text
+#: (travel/programming validation, examples/policies/RESULTS.md).
+ROTATION_GRID: tuple[tuple[int, tuple[float, ...]], ...] = (
+    (1, (0.9, 1.0, 1.1, 1.2)),
+)
+GRIDS = {"additive": DEFAULT_GRID, "rotation": ROTATION_GRID}
+
 
 def band_around(centre: int, width: int, num_layers: int) -> list[int]:
     """``width`` consecutive layers centred on ``centre``, shifted (and cut) to fit the model."""
@@ -48,7 +56,8 @@ class SweepLocator(LayerLocator):
         *,
         gate_layer: int,
         centres: Sequence[int] | None = None,
-        grid: Sequence[tuple[int, Sequence[float]]] = DEFAULT_GRID,
+        grid: Sequence[tuple[int, Sequence[float]]] | None = None,
+        operator: str = "additive",
         brs_ceiling: float = 0.05,
         time_budget: float = 600.0,
         **options: Any,
@@ -57,6 +66,8 @@ class SweepLocator(LayerLocator):
             # Early-middle layers, where refusal directions steer without wrecking fluency.
             fractions = (0.2, 0.3, 0.4)
             centres = list(dict.fromkeys(max(1, round(f * num_layers)) for f in fractions))
+        if grid is None:
+            grid = GRIDS.get(operator, DEFAULT_GRID)
         candidates: list[tuple[list[int], float]] = []
         for c in centres:
             for width, strengths in grid:

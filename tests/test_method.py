@@ -129,6 +129,15 @@ def test_sweep_picks_best_under_ceiling_and_is_deterministic():
     assert all(len(row["band"]) in (1, 3) for row in a.table)
 
 
+def test_sweep_grid_follows_the_operator():
+    calls: list = []
+    SweepLocator().locate(30, _fake_evaluate(calls), gate_layer=20, operator="rotation")
+    assert {len(band) for band, _ in calls} == {1} and max(s for _, s in calls) == 1.2
+    explicit: list = []
+    SweepLocator().locate(30, _fake_evaluate(explicit), gate_layer=20, operator="rotation", grid=[(3, (0.2,))])
+    assert {(len(band), s) for band, s in explicit} == {(3, 0.2)}
+
+
 def test_sweep_fits_bands_inside_a_small_model():
     calls: list = []
     choice = SweepLocator().locate(2, _fake_evaluate(calls), gate_layer=1, seed=0)
