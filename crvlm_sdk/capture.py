@@ -78,6 +78,12 @@ def batches(items: Sequence[Sample], size: int) -> list[Sequence[Sample]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+def progress_bar(enabled: bool) -> Progress:
+    """The one progress-bar style of crvlm's long loops (capture, evaluation); gone when done."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    return Progress(*columns, disable=not enabled, transient=True)
+
+
 def capture(
     adapter: BackboneAdapter,
     samples: Sequence[Sample],
@@ -125,8 +131,7 @@ def capture(
     specs = [HookSpec(blocks[layer], make_hook(layer)) for layer in layers]
     device, dtype = model_input_device(model), model_float_dtype(model)
     chunks = batches(samples, batch_size)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, disable=not progress, transient=True) as bar, hooks_installed(specs):
+    with progress_bar(progress) as bar, hooks_installed(specs):
         task = bar.add_task(description, total=len(samples))
         for chunk in chunks:
             batch = adapter.build_prompts(

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from crvlm_sdk.bundle import Bundle, GateSpec
+from crvlm_sdk.capture import progress_bar
 from crvlm_sdk.errors import CrvlmError
 from crvlm_sdk.interfaces import Sample
 from crvlm_sdk.metrics import answer_matches, compute_metrics
@@ -35,11 +35,6 @@ def without_gate(bundle: Bundle) -> Bundle:
         update={"gate": GateSpec(type="always", layer=bundle.manifest.gate.layer, params=[], config={})}
     )
     return replace(bundle, manifest=manifest, gate_tensors={})
-
-
-def _progress(enabled: bool) -> Progress:
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    return Progress(*columns, disable=not enabled, transient=True)
 
 
 def run_system(
@@ -113,7 +108,7 @@ def evaluate(
     scores = steerer.gate_scores([s.question for s in rows], _images(rows), batch_size=batch_size)[bundle.name]
     answers: dict[str, list[str]] = {}
     verdicts: dict[str, list[bool]] = {}
-    with _progress(progress) as bar:
+    with progress_bar(progress) as bar:
         for name, runner, steer, system in plan:
             task = bar.add_task(f"eval {name}", total=len(rows))
             texts, first = run_system(runner, rows, steer=steer, system=system, batch_size=batch_size,
