@@ -5,8 +5,8 @@ unchanged (one row is appended to the embedding matrix for the ``<image>`` token
 token is suppressed in generation). Its vision side, a small CLIP vision tower and the LLaVA
 projector, was trained by ``scripts/train_demo_vlm.py`` on synthetic pictures of coloured
 shapes (:mod:`crvlm_sdk.shapes`) so that the 16 projected image tokens land near SmolLM2's
-input embeddings of a sentence describing the picture ("The image shows a small red
-circle."). The language model was never trained on images; it reads the image tokens as if
+input embeddings of a sentence describing the picture ("The image shows circle: a small red
+circle. Colour: red."). The language model was never trained on images; it reads the image tokens as if
 the sentence were written there, which is enough for it to answer questions about the
 picture, and makes the model a genuine test bed for image-driven refusal.
 
