@@ -116,10 +116,10 @@ def run_demo(out: Path, *, max_new_tokens: int = 40, console: Console | None = N
     return path
 
 
-#: Settings for the VLM demo, from the full sweep on examples/policies/no-stars (RESULTS.md).
-VLM_BAND = [11, 12, 13]
-VLM_STRENGTH = 0.4
-VLM_GATE_LAYERS = (7, 8, 9, 10)  # below the band: the gate is read in the same forward pass
+#: Settings for the VLM demo, from the sweep on examples/policies/no-stars (RESULTS.md).
+VLM_BAND = [6]
+VLM_STRENGTH = 0.9
+VLM_GATE_LAYERS = (7, 8, 9, 10)  # above the band: an unsteered pre-pass reads the gate
 VLM_TRAIN_PER_SIDE = 60
 
 
