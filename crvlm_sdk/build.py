@@ -12,13 +12,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from rich.console import Console
 
 from crvlm_sdk.backbones import adapter_for
-from crvlm_sdk.bundle import Bundle
+from crvlm_sdk.bundle import Bundle, Operator
 from crvlm_sdk.capture import capture
 from crvlm_sdk.errors import CrvlmError
 from crvlm_sdk.interfaces import BackboneAdapter, Gate, Sample
@@ -133,8 +133,9 @@ def build_bundle(
         if not hasattr(opts, key):
             raise CrvlmError(f"unknown build option {key!r}")
         setattr(opts, key, value)
-    if opts.operator not in ("additive", "rotation"):
-        raise CrvlmError(f"unknown operator {opts.operator!r}", hint="use 'additive' or 'rotation'")
+    operators = get_args(Operator)
+    if opts.operator not in operators:
+        raise CrvlmError(f"unknown operator {opts.operator!r}", hint=f"use one of {', '.join(operators)}")
     if opts.decode_steps is not None and opts.decode_steps < 0:
         raise CrvlmError(f"decode_steps must be >= 0 or None, got {opts.decode_steps}")
     manager = plugins or get_plugin_manager()
