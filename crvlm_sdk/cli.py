@@ -196,7 +196,9 @@ def build_bundle_cmd(
     locator: Annotated[str, typer.Option(help="sweep or fixed")] = "sweep",
     band: Annotated[str | None, typer.Option(help="fixed locator: comma-separated layers, e.g. 5,6,7")] = None,
     strength: Annotated[float | None, typer.Option(help="fixed locator: α relative to the residual norm")] = None,
-    time_budget: Annotated[float, typer.Option(help="sweep time budget in seconds")] = 900.0,
+    time_budget: Annotated[float | None, typer.Option(
+        help="stop the sweep after this many seconds (default: try every candidate, so the result does not "
+             "depend on machine load)")] = None,
     no_aligner: Annotated[bool, typer.Option("--no-aligner", help="switch off counterfactual alignment")] = False,
     operator: Annotated[str, typer.Option(help="additive or rotation (norm-preserving)")] = "additive",
     decode_steps: Annotated[int | None, typer.Option(

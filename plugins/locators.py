@@ -9,6 +9,7 @@ trusting a constant.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
@@ -45,6 +46,8 @@ class SweepLocator(LayerLocator):
     pipeline (it runs the gated model on validation questions). Candidates are tried in
     order of prior plausibility (early-middle layers first), so a time budget that cuts the
     sweep short still leaves the likeliest settings tried. Ties go to the earlier candidate.
+    There is no budget by default: with one, the choice depends on how busy the machine is,
+    and the same command could build different bundles (it did on a loaded 2-core machine).
     """
 
     name: ClassVar[str] = "sweep"
@@ -59,7 +62,7 @@ class SweepLocator(LayerLocator):
         grid: Sequence[tuple[int, Sequence[float]]] | None = None,
         operator: str = "additive",
         brs_ceiling: float = 0.05,
-        time_budget: float = 600.0,
+        time_budget: float | None = None,
         **options: Any,
     ) -> LayerChoice:
         if centres is None:
@@ -77,7 +80,7 @@ class SweepLocator(LayerLocator):
                         candidates.append(candidate)
         if not candidates:
             raise CrvlmError("the sweep has no candidates (empty grid or no centres)")
-        deadline = time.monotonic() + time_budget
+        deadline = math.inf if time_budget is None else time.monotonic() + time_budget
         table: list[dict[str, Any]] = []
         for band, strength in candidates:
             if table and time.monotonic() > deadline:

@@ -153,6 +153,16 @@ def test_sweep_respects_time_budget():
     assert sum("skipped" in row for row in choice.table) == len(choice.table) - 1
 
 
+def test_sweep_tries_every_candidate_without_a_budget(monkeypatch):
+    import plugins.locators as locators
+
+    clock = iter(range(0, 10**6, 10**4))  # every evaluation "takes" hours
+    monkeypatch.setattr(locators.time, "monotonic", lambda: next(clock))
+    calls: list = []
+    choice = SweepLocator().locate(30, _fake_evaluate(calls), gate_layer=20)
+    assert len(calls) == len(choice.table) == 18 and not any("skipped" in row for row in choice.table)
+
+
 def test_fixed_locator():
     calls: list = []
     choice = FixedLocator().locate(30, _fake_evaluate(calls), gate_layer=3, band=[7, 5, 6], strength=0.5)
