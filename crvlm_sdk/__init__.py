@@ -10,7 +10,7 @@ from crvlm_sdk._version import __version__
 from crvlm_sdk.backbones import adapter_for
 from crvlm_sdk.build import BuildOptions, build_bundle
 from crvlm_sdk.bundle import Bundle, BundleWarning, GateSpec, Manifest, PolicySummary
-from crvlm_sdk.capture import ActivationStats, capture
+from crvlm_sdk.capture import ActivationStats, capture, capture_forced
 from crvlm_sdk.errors import AdapterError, BundleError, CrvlmError, ModelLoadError, PluginError
 from crvlm_sdk.evaluate import evaluate, write_report
 from crvlm_sdk.hookspecs import hookimpl
@@ -67,6 +67,7 @@ __all__ = [
     "adapter_for",
     "build_bundle",
     "capture",
+    "capture_forced",
     "evaluate",
     "get_plugin_manager",
     "hookimpl",

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from crvlm_sdk.capture import capture
+from crvlm_sdk.capture import capture, capture_forced
 from crvlm_sdk.errors import CrvlmError
 from crvlm_sdk.interfaces import BackboneAdapter, Sample, VectorExtractor
 
@@ -49,17 +49,18 @@ class TeacherForcedExtractor(VectorExtractor):
             raise CrvlmError(f"read must be 'last' or 'mean', got {read!r}")
         position = "prefix_last" if read == "last" else "prefix_mean"
         common = {"batch_size": batch_size, "progress": progress}
-        refusal = capture(
-            adapter, out_of_scope, layers, position=position, system=refusal_instruction,
-            forced_prefix=refusal_prefix, description="refusal forced", **common,
-        )
         if contrast == "plain":
+            refusal = capture(
+                adapter, out_of_scope, layers, position=position, system=refusal_instruction,
+                forced_prefix=refusal_prefix, description="refusal forced", **common,
+            )
             reference = capture(adapter, out_of_scope, layers, position="last_prompt",
                                 description="plain prompts", **common)
         else:
-            reference = capture(
-                adapter, out_of_scope, layers, position=position, system=refusal_instruction,
-                forced_prefix=compliant_prefix, description="compliance forced", **common,
+            # both forced replies share the whole prompt: run it once (capture_forced)
+            refusal, reference = capture_forced(
+                adapter, out_of_scope, layers, [refusal_prefix, compliant_prefix], position=position,
+                system=refusal_instruction, description="refusal and compliance forced", **common,
             )
         return {layer: refusal.mean(layer) - reference.mean(layer) for layer in refusal.layers}
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from crvlm_sdk import CrvlmError, Sample, capture
-from crvlm_sdk.capture import position_weights
+from crvlm_sdk.capture import capture_forced, position_weights
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -85,3 +85,64 @@ def test_layer_out_of_range(tiny_llama):
     _, _, adapter = tiny_llama
     with pytest.raises(CrvlmError, match=r"layers \[9\] out of range for a model with 4 decoder layers"):
         capture(adapter, [Sample("hi")], [9], progress=False)
+
+
+@pytest.mark.parametrize("position", ["prefix_mean", "prefix_last"])
+def test_forced_prefixes_share_the_prompt(tiny, position):
+    """One pass of the shared prompt + cached continuations reads what full passes read."""
+    _, _, adapter = tiny
+    samples = _samples(adapter)
+    prefixes = ["Sorry, I can't", "Sure! Here is"]
+    system = "Only answer questions about cooking."
+    full = capture_forced(adapter, samples, [0, 3], prefixes, position=position, system=system, batch_size=3,
+                          keep=True, progress=False, share_prompt=False)
+    alone = capture(adapter, samples, [0, 3], position=position, system=system, forced_prefix=prefixes[1],
+                    batch_size=3, keep=True, progress=False)
+    auto = capture_forced(adapter, samples, [0, 3], prefixes, position=position, system=system, batch_size=3,
+                          keep=True, progress=False)
+    for layer in (0, 3):
+        torch.testing.assert_close(full[1].rows(layer), alone.rows(layer), rtol=1e-5, atol=1e-6)
+        for got, want in zip(auto, full, strict=True):
+            assert got.count == want.count == len(samples)
+            torch.testing.assert_close(got.rows(layer), want.rows(layer), rtol=1e-4, atol=1e-5)
+
+
+def test_forced_prefixes_cached_path_on_llama(tiny_llama, caplog):
+    """The KV-cache path itself (no fallback) is exact on a plain decoder."""
+    _, _, adapter = tiny_llama
+    samples = [Sample(q) for q in QUESTIONS]
+    prefixes = ["Sorry, I can't", "Sure"]
+    shared = capture_forced(adapter, samples, [1, 3], prefixes, batch_size=2, keep=True, progress=False,
+                            share_prompt=True)
+    full = capture_forced(adapter, samples, [1, 3], prefixes, batch_size=2, keep=True, progress=False,
+                          share_prompt=False)
+    for got, want in zip(shared, full, strict=True):
+        torch.testing.assert_close(got.rows(3), want.rows(3), rtol=1e-4, atol=1e-5)
+    with caplog.at_level("INFO", logger="crvlm_sdk.capture"):
+        capture_forced(adapter, samples, [1], prefixes, progress=False)
+    assert "differs" not in caplog.text
+
+
+def test_forced_prefixes_need_forced_positions(tiny_llama):
+    _, _, adapter = tiny_llama
+    with pytest.raises(CrvlmError, match="use capture"):
+        capture_forced(adapter, [Sample("hi")], [1], ["Sorry"], position="last_prompt", progress=False)
+
+
+def test_forced_prefixes_fall_back_where_the_cache_cannot_continue(tiny_vlm_dirs, caplog):
+    """Qwen2-VL derives 3-D positions from the whole prompt: the check must fall back, not crash."""
+    from PIL import Image
+
+    from crvlm_sdk import adapter_for, load_model
+
+    model, processor = load_model(tiny_vlm_dirs("qwen2-vl"))
+    adapter = adapter_for(model, processor)
+    samples = [Sample(q, Image.new("RGB", (40, 30), (60 * i, 20, 200)) if i % 2 == 0 else None)
+               for i, q in enumerate(QUESTIONS[:3])]
+    prefixes = ["Sorry, I can't", "Sure"]
+    with caplog.at_level("INFO", logger="crvlm_sdk.capture"):
+        auto = capture_forced(adapter, samples, [1], prefixes, keep=True, progress=False)
+    assert "running full passes" in caplog.text
+    full = capture_forced(adapter, samples, [1], prefixes, keep=True, progress=False, share_prompt=False)
+    for got, want in zip(auto, full, strict=True):
+        torch.testing.assert_close(got.rows(1), want.rows(1))
