@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -139,6 +140,34 @@ def test_example_policies_meet_the_data_bar(name):
     assert sum(not s.meta["in_scope"] for s in data.test) >= 60
     train = {s.question for s in data.train_in + data.train_out + data.val_in + data.val_out}
     assert not train & {s.question for s in data.test}
+
+
+#: words that carry no topic; what is left of a question is what a near-copy would share
+_FILLER = frozenset({
+    "the", "a", "an", "in", "of", "is", "are", "how", "what", "one", "many", "does", "do", "to", "s", "i", "my",
+    "for", "and", "it", "you", "can", "should",
+})
+
+
+def _content_words(question: str) -> set[str]:
+    return set(re.findall(r"[a-z]+", question.lower())) - _FILLER
+
+
+@pytest.mark.parametrize("name", ["cooking", "travel", "programming"])
+def test_example_test_questions_are_not_near_copies_of_training(name):
+    """Exact overlap is not enough: written data drifts into rewordings of test questions.
+
+    Genuinely different questions built on one template ("What's the best way to get around
+    Bali?" / "... Lisbon ...") share at most half their content words; rewordings of one
+    question ("What gas produced by yeast makes bread dough rise?" / "Which gas ...") share
+    three quarters or more.
+    """
+    data = Policy.load(EXAMPLES / name / "policy.yaml").load_data()
+    train = [_content_words(s.question) for s in data.train_in + data.train_out + data.val_in + data.val_out]
+    for sample in data.test:
+        words = _content_words(sample.question)
+        closest = max(len(words & other) / max(1, len(words | other)) for other in train)
+        assert closest < 0.6, f"{name}: test question {sample.question!r} nearly repeats a training question"
 
 
 @pytest.mark.parametrize("name", ["shape-qa", "no-stars"])
