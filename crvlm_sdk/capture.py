@@ -88,16 +88,35 @@ def progress_bar(enabled: bool) -> Progress:
     return Progress(*columns, disable=not enabled, transient=True)
 
 
-def _reader(stats_for: dict[str, ActivationStats | None], weights: dict[str, torch.Tensor | None], deepest: int):
-    """Hook factory: add each layer's weighted read to ``stats_for["target"]``; stop after ``deepest``.
+class _LayerReader:
+    """Hooks on the read layers, shared by every forward pass of one capture.
 
-    With no target (or no weights) the hook only stops the pass: that is how a shared prompt
-    is run once to fill a KV cache without reading anything.
+    Each ``run`` says where that pass's reads go: ``into=None`` only runs the layers (how a
+    shared prompt fills a KV cache). Every pass stops after the deepest read layer.
     """
 
-    def make_hook(layer: int):
+    def __init__(self, adapter: BackboneAdapter, layers: Sequence[int]) -> None:
+        blocks = adapter.decoder_layers()
+        self.layers = sorted(set(int(layer) for layer in layers))
+        if not self.layers:
+            raise CrvlmError("no layers to capture")
+        bad = [layer for layer in self.layers if not 0 <= layer < len(blocks)]
+        if bad:
+            raise CrvlmError(f"layers {bad} out of range for a model with {len(blocks)} decoder layers")
+        self.model = adapter.model
+        self.device, self.dtype = model_input_device(self.model), model_float_dtype(self.model)
+        self.specs = [HookSpec(blocks[layer], self._hook(layer)) for layer in self.layers]
+        self._into: ActivationStats | None = None
+        self._weights: torch.Tensor | None = None
+
+    def new_stats(self, keep: bool) -> ActivationStats:
+        return ActivationStats(layers=list(self.layers), samples={layer: [] for layer in self.layers} if keep else None)
+
+    def _hook(self, layer: int):
+        deepest = self.layers[-1]
+
         def hook(module: torch.nn.Module, args: tuple, output: object) -> None:
-            stats, w = stats_for["target"], weights["w"]
+            stats, w = self._into, self._weights
             if stats is not None and w is not None:
                 h = layer_hidden(output)
                 read = torch.bmm(w.to(device=h.device).unsqueeze(1), h.float()).squeeze(1)  # (B, H)
@@ -114,22 +133,28 @@ def _reader(stats_for: dict[str, ActivationStats | None], weights: dict[str, tor
 
         return hook
 
-    return make_hook
+    def run(self, batch: PromptBatch, into: ActivationStats | None, weights: torch.Tensor | None) -> None:
+        """One full forward pass of ``batch`` (no cache), read at ``weights`` into ``into``."""
+        self._forward(batch.to(self.device, self.dtype).inputs, into, weights, use_cache=False)
 
+    def run_continued(self, prompt: PromptBatch,
+                      branches: Sequence[tuple[dict[str, torch.Tensor], ActivationStats, torch.Tensor]]) -> None:
+        """Run ``prompt`` once into a KV cache, then each ``(tail inputs, into, weights)`` from it.
 
-def _checked_layers(adapter: BackboneAdapter, layers: Sequence[int]) -> list[int]:
-    blocks = adapter.decoder_layers()
-    layers = sorted(set(int(layer) for layer in layers))
-    if not layers:
-        raise CrvlmError("no layers to capture")
-    bad = [layer for layer in layers if not 0 <= layer < len(blocks)]
-    if bad:
-        raise CrvlmError(f"layers {bad} out of range for a model with {len(blocks)} decoder layers")
-    return layers
+        Every branch but the last continues a copy, so each sees the prompt's cache alone.
+        """
+        cache = DynamicCache()
+        self._forward(prompt.to(self.device, self.dtype).inputs, None, None, use_cache=True, past_key_values=cache)
+        for i, (tail, into, weights) in enumerate(branches):
+            branch = cache if i == len(branches) - 1 else copy.deepcopy(cache)
+            self._forward({k: v.to(self.device) for k, v in tail.items()}, into, weights, use_cache=True,
+                          past_key_values=branch)
 
-
-def _new_stats(layers: list[int], keep: bool) -> ActivationStats:
-    return ActivationStats(layers=list(layers), samples={layer: [] for layer in layers} if keep else None)
+    def _forward(self, inputs: dict[str, torch.Tensor], into: ActivationStats | None,
+                 weights: torch.Tensor | None, **kwargs: Any) -> None:
+        self._into, self._weights = into, weights
+        with torch.inference_mode(), contextlib.suppress(StopForward):
+            self.model(**inputs, **kwargs)
 
 
 def capture(
@@ -146,16 +171,9 @@ def capture(
     description: str = "capturing activations",
 ) -> ActivationStats:
     """Read ``h_l`` for every layer in ``layers`` at ``position`` over ``samples``."""
-    model = adapter.model
-    layers = _checked_layers(adapter, layers)
-    stats = _new_stats(layers, keep)
-    target: dict[str, ActivationStats | None] = {"target": stats}
-    weights: dict[str, torch.Tensor | None] = {"w": None}
-    make_hook = _reader(target, weights, layers[-1])
-    blocks = adapter.decoder_layers()
-    specs = [HookSpec(blocks[layer], make_hook(layer)) for layer in layers]
-    device, dtype = model_input_device(model), model_float_dtype(model)
-    with progress_bar(progress) as bar, hooks_installed(specs):
+    reader = _LayerReader(adapter, layers)
+    stats = reader.new_stats(keep)
+    with progress_bar(progress) as bar, hooks_installed(reader.specs):
         task = bar.add_task(description, total=len(samples))
         for chunk in batches(samples, batch_size):
             batch = adapter.build_prompts(
@@ -164,10 +182,7 @@ def capture(
                 system=system,
                 forced_prefix=forced_prefix,
             )
-            weights["w"] = position_weights(batch, position)
-            batch = batch.to(device, dtype)
-            with torch.inference_mode(), contextlib.suppress(StopForward):
-                model(**batch.inputs, use_cache=False)
+            reader.run(batch, stats, position_weights(batch, position))
             stats.count += len(chunk)
             bar.advance(task, len(chunk))
     return stats
@@ -227,75 +242,52 @@ def capture_forced(
         raise CrvlmError("capture_forced reads forced tokens; use capture() for last_prompt")
     if not prefixes or any(not p for p in prefixes):
         raise CrvlmError("capture_forced needs non-empty forced prefixes")
-    model = adapter.model
-    layers = _checked_layers(adapter, layers)
-    results = [_new_stats(layers, keep) for _ in prefixes]
-    target: dict[str, ActivationStats | None] = {"target": None}
-    weights: dict[str, torch.Tensor | None] = {"w": None}
-    make_hook = _reader(target, weights, layers[-1])
-    blocks = adapter.decoder_layers()
-    specs = [HookSpec(blocks[layer], make_hook(layer)) for layer in layers]
-    device, dtype = model_input_device(model), model_float_dtype(model)
+    reader = _LayerReader(adapter, layers)
+    results = [reader.new_stats(keep) for _ in prefixes]
     seq_keys = getattr(adapter, "sequence_keys", ("input_ids", "attention_mask"))
     shared = share_prompt  # None: decided on the first batch
-
-    def run(inputs: dict[str, torch.Tensor], into: ActivationStats | None, w: torch.Tensor | None, **kw: Any):
-        target["target"], weights["w"] = into, w
-        with torch.inference_mode(), contextlib.suppress(StopForward):
-            model(**inputs, **kw)
-
-    with progress_bar(progress) as bar, hooks_installed(specs):
+    with progress_bar(progress) as bar, hooks_installed(reader.specs):
         task = bar.add_task(description, total=len(samples))
         for chunk in batches(samples, batch_size):
             questions, images = [s.question for s in chunk], [s.image for s in chunk]
             prompt = adapter.build_prompts(questions, images, system=system)
             forced = [adapter.build_prompts(questions, images, system=system, forced_prefix=p) for p in prefixes]
-            tails = [_continuation(prompt, f, seq_keys) for f in forced]
+            tails = [t for t in (_continuation(prompt, f, seq_keys) for f in forced) if t is not None]
             if shared is None:
-                shared = all(t is not None for t in tails) and _continuation_matches(
-                    model, run, prompt, forced, tails, layers, device, dtype)
-            if shared and any(t is None for t in tails):
+                shared = len(tails) == len(forced) and _continuation_matches(reader, prompt, forced[0], tails[0])
+            if shared and len(tails) < len(forced):
                 if share_prompt:
                     raise CrvlmError("share_prompt=True, but the forced prompts do not extend the plain prompt "
                                      "token for token", hint="leave share_prompt=None to fall back to full passes")
                 shared = False
             if shared:
-                cache = DynamicCache()
-                run(prompt.to(device, dtype).inputs, None, None, use_cache=True, past_key_values=cache)
-                for i, (f, tail, stats) in enumerate(zip(forced, tails, results, strict=True)):
-                    assert tail is not None
-                    branch = cache if i == len(prefixes) - 1 else copy.deepcopy(cache)
-                    w = position_weights(f, position)[:, prompt.seq_len :]
-                    run({k: v.to(device) for k, v in tail.items()}, stats, w, use_cache=True,
-                        past_key_values=branch)
+                reader.run_continued(prompt, [
+                    (tail, stats, position_weights(f, position)[:, prompt.seq_len :])
+                    for f, tail, stats in zip(forced, tails, results, strict=True)
+                ])
             else:
                 for f, stats in zip(forced, results, strict=True):
-                    run(f.to(device, dtype).inputs, stats, position_weights(f, position), use_cache=False)
+                    reader.run(f, stats, position_weights(f, position))
             for stats in results:
                 stats.count += len(chunk)
             bar.advance(task, len(chunk))
     return results
 
 
-def _continuation_matches(model: torch.nn.Module, run: Any, prompt: PromptBatch, forced: list[PromptBatch],
-                          tails: list[dict[str, torch.Tensor] | None], layers: list[int],
-                          device: torch.device, dtype: torch.dtype) -> bool:
+def _continuation_matches(reader: _LayerReader, prompt: PromptBatch, forced: PromptBatch,
+                          tail: dict[str, torch.Tensor]) -> bool:
     """Whether the cached continuation reads what the full pass reads, on one batch."""
-    f, tail = forced[0], tails[0]
-    assert tail is not None
-    full, cached = _new_stats(layers, True), _new_stats(layers, True)
-    run(f.to(device, dtype).inputs, full, position_weights(f, "prefix_mean"), use_cache=False)
-    cache = DynamicCache()
+    full, cached = reader.new_stats(True), reader.new_stats(True)
+    weights = position_weights(forced, "prefix_mean")
+    reader.run(forced, full, weights)
     try:
-        run(prompt.to(device, dtype).inputs, None, None, use_cache=True, past_key_values=cache)
-        run({k: v.to(device) for k, v in tail.items()}, cached,
-            position_weights(f, "prefix_mean")[:, prompt.seq_len :], use_cache=True, past_key_values=cache)
+        reader.run_continued(prompt, [(tail, cached, weights[:, prompt.seq_len :])])
     except Exception as exc:  # e.g. Qwen2-VL's 3-D rotary positions are computed from the whole prompt
-        logger.info("%s cannot continue a cached prompt (%s); running full passes", type(model).__name__, exc)
+        logger.info("%s cannot continue a cached prompt (%s); running full passes", type(reader.model).__name__, exc)
         return False
     # float32 agrees to ~1e-6 of the norm; half precision to ~1e-2
-    tol = 1e-3 if dtype == torch.float32 else 5e-2
-    for layer in layers:
+    tol = 1e-3 if reader.dtype == torch.float32 else 5e-2
+    for layer in reader.layers:
         a, b = full.rows(layer), cached.rows(layer)
         if not bool(((a - b).norm(dim=-1) <= tol * a.norm(dim=-1).clamp_min(1e-6)).all()):
             logger.info("cached continuation differs from the full pass at layer %d; running full passes", layer)
