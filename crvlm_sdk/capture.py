@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -106,6 +107,9 @@ class _LayerReader:
         self.model = adapter.model
         self.device, self.dtype = model_input_device(self.model), model_float_dtype(self.model)
         self.specs = [HookSpec(blocks[layer], self._hook(layer)) for layer in self.layers]
+        # transformers renamed ``past_key_values`` to ``cache`` (the old name warns, then goes away)
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._into: ActivationStats | None = None
         self._weights: torch.Tensor | None = None
 
@@ -144,11 +148,12 @@ class _LayerReader:
         Every branch but the last continues a copy, so each sees the prompt's cache alone.
         """
         cache = DynamicCache()
-        self._forward(prompt.to(self.device, self.dtype).inputs, None, None, use_cache=True, past_key_values=cache)
+        self._forward(prompt.to(self.device, self.dtype).inputs, None, None, use_cache=True,
+                      **{self._cache_kwarg: cache})
         for i, (tail, into, weights) in enumerate(branches):
             branch = cache if i == len(branches) - 1 else copy.deepcopy(cache)
             self._forward({k: v.to(self.device) for k, v in tail.items()}, into, weights, use_cache=True,
-                          past_key_values=branch)
+                          **{self._cache_kwarg: branch})
 
     def _forward(self, inputs: dict[str, torch.Tensor], into: ActivationStats | None,
                  weights: torch.Tensor | None, **kwargs: Any) -> None:
