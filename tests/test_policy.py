@@ -199,3 +199,17 @@ def test_answer_lists(tmp_path):
         f.write('{"question": "Which?", "answer": []}\n')
     with pytest.raises(PolicyError, match=r"in\.jsonl:22: `answer` must be a string or a non-empty list"):
         Policy.load(path).load_data()
+
+
+def test_shape_policy_generator_reproduces_the_committed_files(tmp_path):
+    """The committed image policies are what the generator writes (data the results rest on)."""
+    from crvlm_sdk.shape_policies import write_no_stars, write_shape_qa
+
+    general = json.loads((EXAMPLES / "shape-qa" / "general_questions.json").read_text())
+    write_shape_qa(tmp_path / "shape-qa", general["train"], general["test"])
+    write_no_stars(tmp_path / "no-stars")
+    for name in ("shape-qa", "no-stars"):
+        written = sorted(p.relative_to(tmp_path / name) for p in (tmp_path / name).rglob("*") if p.is_file())
+        assert len(written) > 500
+        for rel in written:
+            assert (tmp_path / name / rel).read_bytes() == (EXAMPLES / name / rel).read_bytes(), f"{name}/{rel} differs"
