@@ -6,7 +6,10 @@ What is compared, on SmolLM2-135M-Instruct with the cooking policy's questions:
 
 - **crvlm**: what ``build-bundle`` runs before its sweep — the teacher-forced vectors at all
   30 layers (refusal forced and compliance forced, batched, running float64 sums) plus the
-  gate features (last prompt token at the candidate gate layers, kept per sample);
+  gate features (last prompt token at the candidate gate layers, kept per sample). Batches
+  are formed shortest question first; the chat header and system message that every prompt
+  starts with run once per batch, and both forced replies continue one run of the prompt
+  (``capture`` / ``capture_forced``);
 - **per-sample two-pass loop** (the CR-VLM research code's approach): for each out-of-scope
   question, one forward pass of the plain prompt and one of the forced prompt, each with
   ``output_hidden_states=True``, keeping every layer's activations in Python lists and
@@ -109,19 +112,21 @@ def main() -> None:
     speedup = statistics.median(ratios)
     crvlm_peak = max(c["peak_minus_load_mb"] for c, _ in pairs)
     naive_peak = max(n["peak_minus_load_mb"] for _, n in pairs)
-    print(f"activation stages of build-bundle on SmolLM2, {args.n} samples (half in-, half out-of-scope)")
+    lines = [f"activation stages of build-bundle on SmolLM2, {args.n} samples (half in-, half out-of-scope)"]
     for r in [small, *(r for pair in pairs for r in pair)]:
-        print(f"  {r['mode']:>6} n={r['n']:>4}: {r['seconds']:7.1f}s, peak RSS {r['peak_rss_mb']:7.0f} MB "
-              f"({r['peak_minus_load_mb']:+.0f} MB over the loaded model)")
-    print(f"speed-up crvlm vs per-sample two-pass loop: median {speedup:.1f}x over {len(ratios)} pairs "
-          f"(range {ratios[0]:.1f}-{ratios[-1]:.1f}x)")
-    print(f"peak growth over the loaded model: crvlm {small['peak_minus_load_mb']:+.0f} MB at n={small['n']}, "
-          f"{crvlm_peak:+.0f} MB at n={args.n}; loop {naive_peak:+.0f} MB at n={args.n}")
+        lines.append(f"  {r['mode']:>6} n={r['n']:>4}: {r['seconds']:7.1f}s, peak RSS {r['peak_rss_mb']:7.0f} MB "
+                     f"({r['peak_minus_load_mb']:+.0f} MB over the loaded model)")
+    lines.append(f"speed-up crvlm vs per-sample two-pass loop: median {speedup:.1f}x over {len(ratios)} pairs "
+                 f"(range {ratios[0]:.1f}-{ratios[-1]:.1f}x)")
+    lines.append(f"peak growth over the loaded model: crvlm {small['peak_minus_load_mb']:+.0f} MB at n={small['n']}, "
+                 f"{crvlm_peak:+.0f} MB at n={args.n}; loop {naive_peak:+.0f} MB at n={args.n}")
+    print("\n".join(lines))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "n": args.n, "small": small, "pairs": [{"crvlm": c, "naive": n} for c, n in pairs],
         "speedup_median": speedup, "speedup_range": [ratios[0], ratios[-1]],
     }, indent=2) + "\n")
+    args.out.with_suffix(".txt").write_text("\n".join(lines) + "\n")  # the summary, next to the figures
 
 
 if __name__ == "__main__":

@@ -2,7 +2,10 @@
 
 Statistics accumulate in float64 as running sums, so memory does not grow with the number of
 samples; per-sample rows are kept only when asked (for probes). The forward pass stops right
-after the deepest layer read, which saves most of the compute for early layers.
+after the deepest layer read, which saves most of the compute for early layers. Tokens that
+several prompts share (the chat header and system message of every row; the whole prompt under
+several forced replies) run once and are continued through a KV cache, with explicit positions
+so each row's tokens sit where they would unpadded.
 """
 
 from __future__ import annotations
@@ -11,8 +14,10 @@ import contextlib
 import copy
 import inspect
 import logging
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -83,10 +88,113 @@ def batches(items: Sequence[Sample], size: int) -> list[Sequence[Sample]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+def length_order(samples: Sequence[Sample]) -> list[int]:
+    """Sample indices, shortest question first: batches of similar length carry little padding.
+
+    Characters stand in for tokens (tokenizing twice would cost more than it saves); ties keep
+    the given order, so the order, and with it every float sum, is deterministic.
+    """
+    return sorted(range(len(samples)), key=lambda i: len(samples[i].question))
+
+
+def restore_order(stats: ActivationStats, order: Sequence[int]) -> ActivationStats:
+    """Put kept per-sample rows back in the caller's order after a ``length_order`` capture."""
+    if stats.samples is not None:
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.as_tensor(list(order), dtype=torch.long)] = torch.arange(len(order))
+        for layer, rows in stats.samples.items():
+            if rows:
+                stats.samples[layer] = [torch.cat(rows)[inverse]]
+    return stats
+
+
 def progress_bar(enabled: bool) -> Progress:
     """The one progress-bar style of crvlm's long loops (capture, evaluation); gone when done."""
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     return Progress(*columns, disable=not enabled, transient=True)
+
+
+#: Below this many shared tokens a batch is run whole: the extra pass would cost more than it saves.
+MIN_SHARED_PREFIX = 8
+
+
+@dataclass
+class _PromptSplit:
+    """A left-padded batch cut after the tokens every row starts with (the chat header, the system
+    message, the user-turn opening), so that part runs once instead of once per row.
+
+    ``suffix`` covers the batch's last ``width`` columns: each row's tokens after the shared
+    ``length`` (rows re-masked where they had prefix tokens in those columns), with explicit
+    positions so every token sits where it does in the unpadded prompt.
+    """
+
+    prefix: dict[str, torch.Tensor]
+    suffix: dict[str, torch.Tensor]
+    length: int
+    width: int
+    batch_size: int
+    next_position: torch.Tensor
+
+
+def _image_token_ids(adapter: BackboneAdapter) -> set[int]:
+    """Token ids that stand for image content: a shared prefix must stop before them (the
+    placeholders are equal across rows, the pictures they carry are not)."""
+    ids: set[int] = set()
+    configs = [adapter.model.config, getattr(adapter.model.config, "text_config", None)]
+    for config in filter(None, configs):
+        for name, value in vars(config).items():
+            if isinstance(value, int) and any(w in name for w in ("image", "video", "vision", "boi")) and \
+                    name.endswith(("_token_id", "_token_index")):
+                ids.add(value)
+    own = getattr(adapter, "image_token_id", None)
+    if isinstance(own, int):
+        ids.add(own)
+    return ids
+
+
+def _split_prompt(batch: PromptBatch, seq_keys: Sequence[str], stop_ids: set[int],
+                  weights: torch.Tensor | None = None) -> _PromptSplit | None:
+    """Cut ``batch`` after its rows' common leading tokens, or None where that does not pay or fit.
+
+    None when: no attention mask or not left-padded; fewer than ``MIN_SHARED_PREFIX`` shared
+    tokens; or a read position (non-zero ``weights``) falls inside the shared part.
+    """
+    ids, mask = batch.inputs["input_ids"], batch.inputs.get("attention_mask")
+    if mask is None:
+        return None
+    rows, width = ids.shape
+    lengths = mask.sum(1)
+    pads = width - lengths
+    cols = torch.arange(width, device=ids.device)
+    if not torch.equal(mask.bool(), cols.unsqueeze(0) >= pads.unsqueeze(1)):
+        return None
+    shortest = int(lengths.min())
+    head = ids.gather(1, pads.unsqueeze(1) + torch.arange(shortest, device=ids.device).unsqueeze(0))
+    same = (head == head[:1]).all(0)
+    for token in stop_ids:
+        same &= head[0] != token
+    differs = (~same).nonzero()
+    length = min(int(differs[0]) if len(differs) else shortest, shortest - 1)
+    if length < MIN_SHARED_PREFIX:
+        return None
+    cut = int(pads.min()) + length  # the first column that is not shared in every row
+    if weights is not None and bool(weights[:, :cut].ne(0).any()):
+        return None
+    start = int(pads[0])
+    prefix = {key: batch.inputs[key][:1, start : start + length] for key in seq_keys
+              if key in batch.inputs and key != "attention_mask"}
+    prefix["attention_mask"] = torch.ones(1, length, dtype=mask.dtype, device=mask.device)
+    suffix_mask = (cols[cut:].unsqueeze(0) >= (pads + length).unsqueeze(1)).to(mask.dtype)
+    suffix = {key: value[:, cut:] if key in seq_keys else value for key, value in batch.inputs.items()}
+    suffix["attention_mask"] = torch.cat([mask.new_ones(rows, length), suffix_mask], 1)
+    suffix["position_ids"] = (length + suffix_mask.cumsum(1) - 1).clamp_min(length)
+    return _PromptSplit(prefix=prefix, suffix=suffix, length=length, width=width - cut, batch_size=rows,
+                        next_position=lengths)
+
+
+#: (model, kind) -> whether the shared path read what full passes read, so it is checked once
+#: per model and kind of batch rather than on every capture call.
+_CHECKED: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[str, bool], bool]] = weakref.WeakKeyDictionary()
 
 
 class _LayerReader:
@@ -110,6 +218,8 @@ class _LayerReader:
         # transformers renamed ``past_key_values`` to ``cache`` (the old name warns, then goes away)
         params = inspect.signature(self.model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self.seq_keys: tuple[str, ...] = tuple(getattr(adapter, "sequence_keys", ("input_ids", "attention_mask")))
+        self.stop_ids = _image_token_ids(adapter)
         self._into: ActivationStats | None = None
         self._weights: torch.Tensor | None = None
 
@@ -137,29 +247,89 @@ class _LayerReader:
 
         return hook
 
-    def run(self, batch: PromptBatch, into: ActivationStats | None, weights: torch.Tensor | None) -> None:
-        """One full forward pass of ``batch`` (no cache), read at ``weights`` into ``into``."""
-        self._forward(batch.to(self.device, self.dtype).inputs, into, weights, use_cache=False)
+    def split(self, batch: PromptBatch, weights: torch.Tensor | None = None) -> _PromptSplit | None:
+        """``batch`` (on the model's device) cut after its shared leading tokens, if that pays."""
+        return _split_prompt(batch, self.seq_keys, self.stop_ids, weights)
+
+    def run(self, batch: PromptBatch, into: ActivationStats | None, weights: torch.Tensor | None,
+            split: _PromptSplit | None = None) -> None:
+        """One forward pass of ``batch`` read at ``weights`` into ``into``; with ``split``, the
+        shared leading tokens run once and only the rest runs per row."""
+        if split is None:
+            self._forward(batch.to(self.device, self.dtype).inputs, into, weights, use_cache=False)
+            return
+        cache = self._prefix_cache(split)
+        self._forward(split.suffix, into, None if weights is None else weights[:, -split.width :],
+                      use_cache=True, **{self._cache_kwarg: cache})
 
     def run_continued(self, prompt: PromptBatch,
-                      branches: Sequence[tuple[dict[str, torch.Tensor], ActivationStats, torch.Tensor]]) -> None:
+                      branches: Sequence[tuple[dict[str, torch.Tensor], ActivationStats, torch.Tensor]],
+                      split: _PromptSplit | None = None) -> None:
         """Run ``prompt`` once into a KV cache, then each ``(tail inputs, into, weights)`` from it.
 
-        Every branch but the last continues a copy, so each sees the prompt's cache alone.
+        Every branch but the last continues a copy, so each sees the prompt's cache alone. With
+        ``split``, the prompt itself runs as shared prefix + per-row rest, and the tails carry
+        explicit positions (their columns no longer say where each row's tokens sit).
         """
-        cache = DynamicCache()
-        self._forward(prompt.to(self.device, self.dtype).inputs, None, None, use_cache=True,
-                      **{self._cache_kwarg: cache})
+        if split is None:
+            inputs = prompt.to(self.device, self.dtype).inputs
+            cache = DynamicCache()
+            self._forward(inputs, None, None, use_cache=True, **{self._cache_kwarg: cache})
+            mask, next_position = inputs["attention_mask"], None
+        else:
+            cache = self._prefix_cache(split)
+            self._forward(split.suffix, None, None, use_cache=True, **{self._cache_kwarg: cache})
+            mask, next_position = split.suffix["attention_mask"], split.next_position
         for i, (tail, into, weights) in enumerate(branches):
             branch = cache if i == len(branches) - 1 else copy.deepcopy(cache)
-            self._forward({k: v.to(self.device) for k, v in tail.items()}, into, weights, use_cache=True,
-                          **{self._cache_kwarg: branch})
+            inputs = {k: v.to(self.device) for k, v in tail.items()}
+            steps = inputs["input_ids"].shape[1]
+            inputs["attention_mask"] = torch.cat([mask, mask.new_ones(mask.shape[0], steps)], 1)
+            if next_position is not None:
+                inputs["position_ids"] = next_position.unsqueeze(1) + torch.arange(steps, device=mask.device)
+            self._forward(inputs, into, weights, use_cache=True, **{self._cache_kwarg: branch})
+
+    def checked(self, kind: tuple[str, bool], check: Callable[[], bool]) -> bool:
+        """Whether the shared path of ``kind`` is exact on this model: ``check`` runs once per model."""
+        seen = _CHECKED.setdefault(self.model, {})
+        if kind not in seen:
+            seen[kind] = check()
+        return seen[kind]
+
+    def same_reads(self, full: Callable[[ActivationStats], None], shared: Callable[[ActivationStats], None]) -> bool:
+        """Whether ``shared`` reads what ``full`` reads, on one batch (float32 agrees to ~1e-6 of
+        the norm, half precision to ~1e-2); a shared path that raises counts as different."""
+        want, got = self.new_stats(True), self.new_stats(True)
+        full(want)
+        try:
+            shared(got)
+        except Exception as exc:  # e.g. Qwen2-VL's 3-D rotary positions are computed from the whole prompt
+            logger.info("%s cannot share prompt tokens through a KV cache (%s); running full passes",
+                        type(self.model).__name__, exc)
+            return False
+        tol = 1e-3 if self.dtype == torch.float32 else 5e-2
+        for layer in self.layers:
+            a, b = want.rows(layer), got.rows(layer)
+            if not bool(((a - b).norm(dim=-1) <= tol * a.norm(dim=-1).clamp_min(1e-6)).all()):
+                logger.info("the cached pass differs from the full pass at layer %d; running full passes", layer)
+                return False
+        return True
+
+    def _prefix_cache(self, split: _PromptSplit) -> DynamicCache:
+        cache = DynamicCache()
+        self._forward(split.prefix, None, None, use_cache=True, **{self._cache_kwarg: cache})
+        cache.batch_repeat_interleave(split.batch_size)
+        return cache
 
     def _forward(self, inputs: dict[str, torch.Tensor], into: ActivationStats | None,
                  weights: torch.Tensor | None, **kwargs: Any) -> None:
         self._into, self._weights = into, weights
         with torch.inference_mode(), contextlib.suppress(StopForward):
             self.model(**inputs, **kwargs)
+
+
+def _has_images(batch: PromptBatch) -> bool:
+    return any(v.is_floating_point() for v in batch.inputs.values())
 
 
 def capture(
@@ -174,31 +344,45 @@ def capture(
     keep: bool = False,
     progress: bool = True,
     description: str = "capturing activations",
+    share_prefix: bool | None = None,
 ) -> ActivationStats:
-    """Read ``h_l`` for every layer in ``layers`` at ``position`` over ``samples``."""
+    """Read ``h_l`` for every layer in ``layers`` at ``position`` over ``samples``.
+
+    Every prompt of a batch starts with the same tokens (chat header, system message, user-turn
+    opening: often half of a short prompt); those run once per batch and are continued per row
+    through a KV cache. Checked once per model against full passes (falls back where the
+    architecture's cached continuation differs). ``share_prefix``: None checks, False never
+    shares, True shares without the check.
+    """
     reader = _LayerReader(adapter, layers)
     stats = reader.new_stats(keep)
+    order = length_order(samples)
     with progress_bar(progress) as bar, hooks_installed(reader.specs):
         task = bar.add_task(description, total=len(samples))
-        for chunk in batches(samples, batch_size):
+        for chunk in batches([samples[i] for i in order], batch_size):
             batch = adapter.build_prompts(
                 [s.question for s in chunk],
                 [s.image for s in chunk],
                 system=system,
                 forced_prefix=forced_prefix,
-            )
-            reader.run(batch, stats, position_weights(batch, position))
+            ).to(reader.device, reader.dtype)
+            weights = position_weights(batch, position)
+            split = reader.split(batch, weights) if share_prefix is not False else None
+            if split is not None and share_prefix is None:
+                check = partial(_split_matches, reader, batch, weights, split)
+                split = split if reader.checked(("prefix", _has_images(batch)), check) else None
+            reader.run(batch, stats, weights, split)
             stats.count += len(chunk)
             bar.advance(task, len(chunk))
-    return stats
+    return restore_order(stats, order)
 
 
 def _continuation(prompt: PromptBatch, forced: PromptBatch, seq_keys: Sequence[str]) -> dict[str, torch.Tensor] | None:
-    """The inputs that extend ``prompt`` into ``forced`` through a KV cache, or None if it does not.
+    """The tail inputs that extend ``prompt`` into ``forced`` through a KV cache, or None if it does not.
 
     ``forced`` must be ``prompt`` with the same tokens appended to every row (what the
     built-in ``build_prompts`` produces); anything else (an adapter that pads or templates
-    differently) is run in full instead.
+    differently) is run in full instead. The tail's attention mask is added when it runs.
     """
     width = prompt.seq_len
     a, b = prompt.inputs["input_ids"], forced.inputs["input_ids"]
@@ -211,9 +395,9 @@ def _continuation(prompt: PromptBatch, forced: PromptBatch, seq_keys: Sequence[s
     if mask is None or not torch.equal(mask[:, :width], prompt.inputs["attention_mask"]) or \
             not bool(mask[:, width:].all()):
         return None
-    inputs = {"input_ids": tail, "attention_mask": mask}
+    inputs = {"input_ids": tail}
     for key in seq_keys:
-        if key in forced.inputs and key not in inputs:
+        if key in forced.inputs and key not in inputs and key != "attention_mask":
             inputs[key] = forced.inputs[key][:, width:]
     return inputs
 
@@ -236,12 +420,13 @@ def capture_forced(
 
     Every forced prompt shares the whole system + user + image part, which is almost all of
     its tokens; that part is run once into a KV cache and each prefix only extends it (about
-    half the compute of two full passes for a refusal/compliance pair). The first batch is
-    also run in full and compared, so an architecture whose cached continuation differs
-    (position bookkeeping, image token types) falls back to full passes instead of reading
-    different activations. Equal to separate ``capture`` calls up to float rounding.
-    ``share_prompt``: None checks as above, False always runs full passes, True shares
-    without the check (and fails if the prompts cannot be shared).
+    half the compute of two full passes for a refusal/compliance pair). Within the prompt,
+    the leading tokens every row shares run once per batch, as in ``capture``. The first
+    batch is also run in full and compared (once per model), so an architecture whose cached
+    continuation differs (position bookkeeping, image token types) falls back to full passes
+    instead of reading different activations. Equal to separate ``capture`` calls up to float
+    rounding. ``share_prompt``: None checks as above, False always runs full passes, True
+    shares without the check (and fails if the prompts cannot be shared).
     """
     if position == "last_prompt":
         raise CrvlmError("capture_forced reads forced tokens; use capture() for last_prompt")
@@ -249,52 +434,45 @@ def capture_forced(
         raise CrvlmError("capture_forced needs non-empty forced prefixes")
     reader = _LayerReader(adapter, layers)
     results = [reader.new_stats(keep) for _ in prefixes]
-    seq_keys = getattr(adapter, "sequence_keys", ("input_ids", "attention_mask"))
-    shared = share_prompt  # None: decided on the first batch
+    order = length_order(samples)
     with progress_bar(progress) as bar, hooks_installed(reader.specs):
         task = bar.add_task(description, total=len(samples))
-        for chunk in batches(samples, batch_size):
+        for chunk in batches([samples[i] for i in order], batch_size):
             questions, images = [s.question for s in chunk], [s.image for s in chunk]
-            prompt = adapter.build_prompts(questions, images, system=system)
+            prompt = adapter.build_prompts(questions, images, system=system).to(reader.device, reader.dtype)
             forced = [adapter.build_prompts(questions, images, system=system, forced_prefix=p) for p in prefixes]
-            tails = [t for t in (_continuation(prompt, f, seq_keys) for f in forced) if t is not None]
-            if shared is None:
-                shared = len(tails) == len(forced) and _continuation_matches(reader, prompt, forced[0], tails[0])
-            if shared and len(tails) < len(forced):
-                if share_prompt:
-                    raise CrvlmError("share_prompt=True, but the forced prompts do not extend the plain prompt "
-                                     "token for token", hint="leave share_prompt=None to fall back to full passes")
-                shared = False
+            tails = [t for t in (_continuation(prompt, f, reader.seq_keys) for f in forced) if t is not None]
+            shared = share_prompt is not False and len(tails) == len(forced)
+            if share_prompt and not shared:
+                raise CrvlmError("share_prompt=True, but the forced prompts do not extend the plain prompt "
+                                 "token for token", hint="leave share_prompt=None to fall back to full passes")
+            split = reader.split(prompt) if shared else None
+            if shared and share_prompt is None:
+                kind = ("forced" if split is None else "forced-split", _has_images(prompt))
+                check = partial(_continuation_matches, reader, prompt, forced[0], tails[0], split)
+                shared = reader.checked(kind, check)
             if shared:
                 reader.run_continued(prompt, [
                     (tail, stats, position_weights(f, position)[:, prompt.seq_len :])
                     for f, tail, stats in zip(forced, tails, results, strict=True)
-                ])
+                ], split)
             else:
                 for f, stats in zip(forced, results, strict=True):
                     reader.run(f, stats, position_weights(f, position))
             for stats in results:
                 stats.count += len(chunk)
             bar.advance(task, len(chunk))
-    return results
+    return [restore_order(stats, order) for stats in results]
+
+
+def _split_matches(reader: _LayerReader, batch: PromptBatch, weights: torch.Tensor, split: _PromptSplit) -> bool:
+    return reader.same_reads(lambda into: reader.run(batch, into, weights),
+                             lambda into: reader.run(batch, into, weights, split))
 
 
 def _continuation_matches(reader: _LayerReader, prompt: PromptBatch, forced: PromptBatch,
-                          tail: dict[str, torch.Tensor]) -> bool:
-    """Whether the cached continuation reads what the full pass reads, on one batch."""
-    full, cached = reader.new_stats(True), reader.new_stats(True)
+                          tail: dict[str, torch.Tensor], split: _PromptSplit | None) -> bool:
     weights = position_weights(forced, "prefix_mean")
-    reader.run(forced, full, weights)
-    try:
-        reader.run_continued(prompt, [(tail, cached, weights[:, prompt.seq_len :])])
-    except Exception as exc:  # e.g. Qwen2-VL's 3-D rotary positions are computed from the whole prompt
-        logger.info("%s cannot continue a cached prompt (%s); running full passes", type(reader.model).__name__, exc)
-        return False
-    # float32 agrees to ~1e-6 of the norm; half precision to ~1e-2
-    tol = 1e-3 if reader.dtype == torch.float32 else 5e-2
-    for layer in reader.layers:
-        a, b = full.rows(layer), cached.rows(layer)
-        if not bool(((a - b).norm(dim=-1) <= tol * a.norm(dim=-1).clamp_min(1e-6)).all()):
-            logger.info("cached continuation differs from the full pass at layer %d; running full passes", layer)
-            return False
-    return True
+    tail_weights = weights[:, prompt.seq_len :]
+    return reader.same_reads(lambda into: reader.run(forced, into, weights),
+                             lambda into: reader.run_continued(prompt, [(tail, into, tail_weights)], split))

@@ -258,8 +258,9 @@ def check_prompts_identical_for_extraction_and_generation(subject: ConformanceSu
     name = "prompts_identical"
     adapter = subject.adapter
     n = 4
-    questions = list(subject.questions[:n])
-    images = subject.row_images(n)
+    # capture batches shortest-first; given in that order, both phases see the same rows
+    pairs = sorted(zip(subject.questions[:n], subject.row_images(n), strict=True), key=lambda p: len(p[0]))
+    questions, images = [q for q, _ in pairs], [img for _, img in pairs]
     recorded: dict[str, dict[str, torch.Tensor]] = {}
     phase = {"name": ""}
 
@@ -283,8 +284,10 @@ def check_prompts_identical_for_extraction_and_generation(subject: ConformanceSu
              HookSpec(adapter.decoder_layers()[0], record_stream, kind="pre", with_kwargs=True)]
     with hooks_installed(specs):
         phase["name"] = "extraction"
+        # the whole prompt in one pass (share_prefix=False): this compares prompts, not the
+        # shared-prefix shortcut, which capture checks against full passes itself
         capture(adapter, [Sample(q, img) for q, img in zip(questions, images, strict=True)], [0], system=SYSTEM,
-                batch_size=n, progress=False)
+                batch_size=n, progress=False, share_prefix=False)
         phase["name"] = "generation"
         steerer.generate(questions, images, system=SYSTEM, max_new_tokens=1)
     if set(recorded) != {"extraction", "generation"}:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from crvlm_sdk import CrvlmError, Sample, capture
-from crvlm_sdk.capture import capture_forced, position_weights
+from crvlm_sdk.capture import MIN_SHARED_PREFIX, _LayerReader, capture_forced, position_weights
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -146,3 +146,97 @@ def test_forced_prefixes_fall_back_where_the_cache_cannot_continue(tiny_vlm_dirs
     full = capture_forced(adapter, samples, [1], prefixes, keep=True, progress=False, share_prompt=False)
     for got, want in zip(auto, full, strict=True):
         torch.testing.assert_close(got.rows(1), want.rows(1))
+
+
+def test_shared_prefix_reads_what_full_passes_read(tiny):
+    """The leading tokens every row shares run once per batch; the reads must not change."""
+    _, _, adapter = tiny
+    samples = _samples(adapter)
+    system = "Only answer questions about cooking, and say sorry otherwise."
+    batch = adapter.build_prompts([s.question for s in samples], [s.image for s in samples], system=system)
+    split = _LayerReader(adapter, [1]).split(batch, position_weights(batch, "last_prompt"))
+    assert split is not None and split.length >= MIN_SHARED_PREFIX, "the system message is shared by every row"
+    assert adapter.decode(split.prefix["input_ids"][0].tolist()).count(system) == 1
+    for position, prefix in (("last_prompt", None), ("prefix_mean", "Sorry, I can't")):
+        shared = capture(adapter, samples, [0, 3], position=position, system=system, forced_prefix=prefix,
+                         batch_size=5, keep=True, progress=False, share_prefix=True)
+        full = capture(adapter, samples, [0, 3], position=position, system=system, forced_prefix=prefix,
+                       batch_size=5, keep=True, progress=False, share_prefix=False)
+        for layer in (0, 3):
+            torch.testing.assert_close(shared.rows(layer), full.rows(layer), rtol=1e-4, atol=1e-5)
+
+
+def test_shared_prefix_stops_before_image_tokens(tiny_llava_dir):
+    """Image placeholders are equal in every row but carry different pictures: never shared."""
+    from PIL import Image
+
+    from crvlm_sdk import adapter_for, load_model
+
+    model, processor = load_model(tiny_llava_dir)
+    adapter = adapter_for(model, processor)
+    images = [Image.new("RGB", (40, 30), (60 * i, 20, 200)) for i in range(3)]
+    batch = adapter.build_prompts(["What is this?", "What colour is it?", "Describe it."], images,
+                                  system="Only describe pictures of circles.")
+    split = _LayerReader(adapter, [1]).split(batch)
+    assert split is not None
+    assert adapter.image_token_id not in split.prefix["input_ids"][0].tolist()
+    assert split.length < int((batch.inputs["input_ids"][0] == adapter.image_token_id).nonzero()[0])
+
+
+def test_shared_prefix_not_used_when_reads_fall_inside_it(tiny_llama):
+    _, _, adapter = tiny_llama
+    batch = adapter.build_prompts(["Same question?", "Same question?"], system="A long enough system message here.",
+                                  forced_prefix="Sorry")
+    weights = torch.zeros(batch.batch_size, batch.seq_len)
+    weights[:, 2] = 1.0  # a read inside the shared tokens
+    reader = _LayerReader(adapter, [1])
+    assert reader.split(batch) is not None
+    assert reader.split(batch, weights) is None
+
+
+def test_shared_prefix_is_checked_once_per_model(tiny_llama, monkeypatch):
+    _, _, adapter = tiny_llama
+    calls = []
+    original = _LayerReader.same_reads
+
+    def counting(self, full, shared):
+        calls.append(1)
+        return original(self, full, shared)
+
+    monkeypatch.setattr(_LayerReader, "same_reads", counting)
+    samples = [Sample(q) for q in QUESTIONS]
+    for _ in range(2):
+        capture(adapter, samples, [1], system="Only answer questions about cooking.", batch_size=2, progress=False)
+    assert len(calls) == 1
+
+
+def test_shared_prefix_falls_back_where_positions_are_not_1d(tiny_vlm_dirs, caplog):
+    """Qwen2-VL with pictures: explicit 1-D positions are wrong for its 3-D rotary; must fall back."""
+    from PIL import Image
+
+    from crvlm_sdk import adapter_for, load_model
+
+    model, processor = load_model(tiny_vlm_dirs("qwen2-vl"))
+    adapter = adapter_for(model, processor)
+    samples = [Sample(q, Image.new("RGB", (40, 30), (60 * i, 20, 200))) for i, q in enumerate(QUESTIONS[:3])]
+    system = "Only answer questions about cooking, and say sorry otherwise."
+    with caplog.at_level("INFO", logger="crvlm_sdk.capture"):
+        auto = capture(adapter, samples, [1], system=system, keep=True, progress=False)
+    assert "running full passes" in caplog.text
+    full = capture(adapter, samples, [1], system=system, keep=True, progress=False, share_prefix=False)
+    torch.testing.assert_close(auto.rows(1), full.rows(1))
+
+
+def test_rows_come_back_in_the_callers_order(tiny_llama):
+    """Batches are formed shortest-first to cut padding; kept rows must not show it."""
+    _, _, adapter = tiny_llama
+    samples = [Sample(q) for q in QUESTIONS]
+    assert [len(q) for q in QUESTIONS] != sorted(len(q) for q in QUESTIONS)
+    rows = capture(adapter, samples, [2], batch_size=2, keep=True, progress=False).rows(2)
+    forced = capture_forced(adapter, samples, [2], ["Sorry"], batch_size=2, keep=True, progress=False)[0].rows(2)
+    for i, sample in enumerate(samples):
+        alone = capture(adapter, [sample], [2], keep=True, progress=False).rows(2)[0]
+        torch.testing.assert_close(rows[i], alone, rtol=1e-4, atol=1e-5)
+        alone = capture(adapter, [sample], [2], position="prefix_mean", forced_prefix="Sorry", keep=True,
+                        progress=False).rows(2)[0]
+        torch.testing.assert_close(forced[i], alone, rtol=1e-4, atol=1e-5)
