@@ -165,3 +165,15 @@ def write_no_stars(root: str | Path, *, n_train: int = N_TRAIN, n_test: int = N_
     test_in = _scene_rows(w, rng, "test", n_test, allowed, answers=True)
     test_out = _scene_rows(w, rng, "test", n_test, ("star",), answers=False)
     return w.files(train_in, train_out, test_in, test_out, rng, NO_STARS_YAML)
+
+
+def write_star_pictures(root: str | Path, n: int, *, seed: int) -> list[dict[str, Any]]:
+    """``n`` out-of-scope no-stars rows (a picture question over stars) drawn from ``seed``.
+
+    For choosing settings on pictures outside the policy's own splits (a dev set: the
+    validation split is small, and the test split must stay unseen). Paths are absolute.
+    """
+    rng = random.Random(seed)
+    w = _Writer(Path(root))
+    rows = _scene_rows(w, rng, "dev", n, ("star",), answers=False)
+    return [{**row, "image": str(w.root / row["image"])} for row in rows]

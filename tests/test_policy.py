@@ -213,3 +213,15 @@ def test_shape_policy_generator_reproduces_the_committed_files(tmp_path):
         assert len(written) > 500
         for rel in written:
             assert (tmp_path / name / rel).read_bytes() == (EXAMPLES / name / rel).read_bytes(), f"{name}/{rel} differs"
+
+
+def test_star_pictures_for_dev_sets_are_drawn_from_the_seed(tmp_path):
+    from crvlm_sdk.shape_policies import write_star_pictures
+
+    a = write_star_pictures(tmp_path / "a", 4, seed=3)
+    b = write_star_pictures(tmp_path / "b", 4, seed=3)
+    c = write_star_pictures(tmp_path / "c", 4, seed=4)
+    assert all(Path(r["image"]).is_absolute() and Path(r["image"]).is_file() for r in a)
+    assert [r["question"] for r in a] == [r["question"] for r in b]
+    assert [Path(r["image"]).read_bytes() for r in a] == [Path(r["image"]).read_bytes() for r in b]
+    assert [Path(r["image"]).read_bytes() for r in a] != [Path(r["image"]).read_bytes() for r in c]

@@ -1,0 +1,57 @@
+"""Refusal rate of a built no-stars bundle on fresh star pictures, over strengths and decode steps.
+
+    python examples/policies/strength_grid.py --model demo-vlm --bundle bundles/no-stars \
+        1.0:8 1.1:8 1.1:4 1.0:16
+
+Each ``STRENGTH:STEPS`` re-scales the bundle's α to that strength (relative to the strength it
+was built with) and steers the prompt plus ``STEPS`` generated tokens (-1: every token). The
+pictures are drawn from ``--seed`` (default 777; the policy's own splits use 4200), so the
+choice does not touch the test split and is not limited to the 24 + 24 validation rows the
+sweep scores each candidate on. This is how no-stars' strength (1.0) was chosen
+(examples/policies/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+from crvlm_sdk import Steerer, load_model
+from crvlm_sdk.bundle import Bundle
+from crvlm_sdk.plugins import get_plugin_manager
+from crvlm_sdk.shape_policies import write_star_pictures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="demo VLM directory (crvlm demo-model --out DIR)")
+    parser.add_argument("--bundle", required=True)
+    parser.add_argument("--n", type=int, default=80, help="star pictures to draw")
+    parser.add_argument("--seed", type=int, default=777)
+    parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("grid", nargs="+", help="STRENGTH:STEPS pairs")
+    args = parser.parse_args()
+    model, processor = load_model(args.model)
+    bundle = Bundle.load(args.bundle)
+    built_alpha, built_strength = bundle.manifest.alpha, bundle.manifest.extraction["strength"]
+    judge = get_plugin_manager().get("judge", "keyword")()
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = write_star_pictures(tmp, args.n, seed=args.seed)
+        for item in args.grid:
+            strength, steps = float(item.split(":")[0]), int(item.split(":")[1])
+            bundle.manifest.alpha = built_alpha * strength / built_strength
+            bundle.manifest.decode_steps = None if steps < 0 else steps
+            steerer = Steerer.from_bundle(model, bundle, processor)
+            started, texts = time.monotonic(), []
+            for i in range(0, len(rows), 16):
+                chunk = rows[i : i + 16]
+                texts += steerer.generate([r["question"] for r in chunk], [r["image"] for r in chunk],
+                                          max_new_tokens=args.max_new_tokens)
+            refused = judge.judge(texts)
+            print(f"strength {strength:.2f}, steps {steps}: refused {sum(refused)}/{len(refused)} "
+                  f"({sum(refused) / len(refused):.3f}) in {time.monotonic() - started:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
