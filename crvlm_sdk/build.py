@@ -108,9 +108,11 @@ def fit_gate(
     return best
 
 
-def residual_norms(adapter: BackboneAdapter, samples: Sequence[Sample], batch_size: int) -> dict[int, float]:
-    """Root-mean-square norm of ``h_l`` at the last prompt token, per layer."""
-    stats = capture(adapter, samples, range(adapter.num_layers), batch_size=batch_size, progress=False)
+def residual_norms(adapter: BackboneAdapter, samples: Sequence[Sample], batch_size: int,
+                   layers: Sequence[int] | None = None) -> dict[int, float]:
+    """Root-mean-square norm of ``h_l`` at the last prompt token, per layer (default: all)."""
+    layers = range(adapter.num_layers) if layers is None else layers
+    stats = capture(adapter, samples, layers, batch_size=batch_size, progress=False)
     return {layer: math.sqrt(float(stats.sq_sums[layer].sum()) / stats.count) for layer in stats.layers}
 
 
@@ -150,13 +152,16 @@ def build_bundle(
                   f"{len(data.val_in)}+{len(data.val_out)} validation questions; model has "
                   f"{backbone.num_layers} layers")
 
-    # 1. vectors at every layer (one capture pass per side serves all layers)
+    # 1. vectors at every layer the locator may steer (one capture pass per side serves them all)
     ext_options = {**DEFAULT_EXTRACTOR_OPTIONS, **opts.extractor_options} if opts.extractor == "teacher-forced" \
         else dict(opts.extractor_options)
     extractor = manager.get("extractor", opts.extractor)()
-    all_layers = list(range(backbone.num_layers))
+    locator = manager.get("locator", opts.locator)()
+    locator_options = {"operator": opts.operator, **opts.locator_options}
+    steer_layers = locator.candidate_layers(backbone.num_layers, **locator_options) or \
+        list(range(backbone.num_layers))
     vectors = extractor.extract(
-        backbone, data.train_in, data.train_out, all_layers, refusal_instruction=instruction,
+        backbone, data.train_in, data.train_out, steer_layers, refusal_instruction=instruction,
         refusal_prefix=pol.refusal_prefix, compliant_prefix=pol.compliant_prefix, batch_size=opts.batch_size,
         progress=progress, **ext_options,
     )
@@ -172,7 +177,7 @@ def build_bundle(
     _log(console, f"gate: {opts.gate} at layer {gate_fit.layer}, validation: {gate_fit.caught:.0%} of "
                   f"out-of-scope caught, {gate_fit.flagged:.0%} of in-scope flagged")
     # 4. layers and strength on validation data
-    norms = residual_norms(backbone, data.train_out[:32], opts.batch_size)
+    norms = residual_norms(backbone, data.train_out[:32], opts.batch_size, steer_layers)
     k = opts.sweep_samples
     sweep_rows = data.val_in[:k] + data.val_out[:k]
     sweep_labels = [True] * len(data.val_in[:k]) + [False] * len(data.val_out[:k])
@@ -210,9 +215,7 @@ def build_bundle(
                       f"BRS {result['brs']:.2f} MB {result['mb']:.3f}")
         return result
 
-    locator = manager.get("locator", opts.locator)()
-    choice = locator.locate(backbone.num_layers, evaluate, gate_layer=gate_fit.layer, seed=seed,
-                            **{"operator": opts.operator, **opts.locator_options})
+    choice = locator.locate(backbone.num_layers, evaluate, gate_layer=gate_fit.layer, seed=seed, **locator_options)
     # 5. weight of the image-driven component, chosen on validation
     image_weight, image_table = 0.0, []
     val_rows = data.val_in + data.val_out

@@ -439,9 +439,10 @@ def capture_forced(
         task = bar.add_task(description, total=len(samples))
         for chunk in batches([samples[i] for i in order], batch_size):
             questions, images = [s.question for s in chunk], [s.image for s in chunk]
-            prompt = adapter.build_prompts(questions, images, system=system).to(reader.device, reader.dtype)
+            plain = adapter.build_prompts(questions, images, system=system)
             forced = [adapter.build_prompts(questions, images, system=system, forced_prefix=p) for p in prefixes]
-            tails = [t for t in (_continuation(prompt, f, reader.seq_keys) for f in forced) if t is not None]
+            tails = [t for t in (_continuation(plain, f, reader.seq_keys) for f in forced) if t is not None]
+            prompt = plain.to(reader.device, reader.dtype)  # compared above on the host, run on the model's device
             shared = share_prompt is not False and len(tails) == len(forced)
             if share_prompt and not shared:
                 raise CrvlmError("share_prompt=True, but the forced prompts do not extend the plain prompt "

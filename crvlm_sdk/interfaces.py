@@ -296,6 +296,15 @@ class LayerLocator(ABC):
     def locate(self, num_layers: int, evaluate: Any, **options: Any) -> LayerChoice:
         """Pick a :class:`LayerChoice`; ``evaluate`` scores a candidate on validation data."""
 
+    def candidate_layers(self, num_layers: int, **options: Any) -> list[int] | None:
+        """Every layer ``locate`` may put in a band, given the same options; None: any layer.
+
+        The build extracts vectors only there, and each capture pass stops after the deepest
+        one (a sweep over early-middle layers needs less than half the model). The default
+        keeps every layer, so a locator that does not say is never starved.
+        """
+        return None
+
 
 class RefusalJudge(ABC):
     """Decides whether a generated answer is a refusal."""

@@ -52,19 +52,16 @@ class SweepLocator(LayerLocator):
 
     name: ClassVar[str] = "sweep"
 
-    def locate(
-        self,
+    @staticmethod
+    def candidates(
         num_layers: int,
-        evaluate: Callable[[list[int], float], dict[str, float]],
         *,
-        gate_layer: int,
         centres: Sequence[int] | None = None,
         grid: Sequence[tuple[int, Sequence[float]]] | None = None,
         operator: str = "additive",
-        brs_ceiling: float = 0.05,
-        time_budget: float | None = None,
         **options: Any,
-    ) -> LayerChoice:
+    ) -> list[tuple[list[int], float]]:
+        """(band, strength) pairs in the order they are tried."""
         if centres is None:
             # Early-middle layers, where refusal directions steer without wrecking fluency.
             fractions = (0.2, 0.3, 0.4)
@@ -78,6 +75,25 @@ class SweepLocator(LayerLocator):
                     candidate = (band_around(c, width, num_layers), strength)
                     if candidate not in candidates:  # small models: bands collapse onto each other
                         candidates.append(candidate)
+        return candidates
+
+    def candidate_layers(self, num_layers: int, **options: Any) -> list[int] | None:
+        return sorted({layer for band, _ in self.candidates(num_layers, **options) for layer in band})
+
+    def locate(
+        self,
+        num_layers: int,
+        evaluate: Callable[[list[int], float], dict[str, float]],
+        *,
+        gate_layer: int,
+        centres: Sequence[int] | None = None,
+        grid: Sequence[tuple[int, Sequence[float]]] | None = None,
+        operator: str = "additive",
+        brs_ceiling: float = 0.05,
+        time_budget: float | None = None,
+        **options: Any,
+    ) -> LayerChoice:
+        candidates = self.candidates(num_layers, centres=centres, grid=grid, operator=operator)
         if not candidates:
             raise CrvlmError("the sweep has no candidates (empty grid or no centres)")
         deadline = math.inf if time_budget is None else time.monotonic() + time_budget
@@ -102,6 +118,13 @@ class FixedLocator(LayerLocator):
     """Use the given band and strength (no search): for reproductions and ablations."""
 
     name: ClassVar[str] = "fixed"
+
+    def candidate_layers(self, num_layers: int, *, band: Sequence[int] | None = None,
+                         **options: Any) -> list[int] | None:
+        # a band outside the model is reported by ``locate``; extract everywhere until then
+        if band is None or any(not 0 <= int(layer) < num_layers for layer in band):
+            return None
+        return sorted({int(layer) for layer in band})
 
     def locate(
         self,

@@ -116,3 +116,20 @@ def test_build_is_deterministic(tiny_llama_dir, small_policy):
         assert torch.equal(bundles[0].vectors[layer], bundles[1].vectors[layer])
     for name in bundles[0].gate_tensors:
         assert torch.equal(bundles[0].gate_tensors[name], bundles[1].gate_tensors[name])
+
+
+def test_build_extracts_vectors_only_where_the_locator_may_steer(tiny_llama_dir, small_policy, monkeypatch):
+    from crvlm_plugins.extractors import TeacherForcedExtractor
+
+    seen: list[list[int]] = []
+    original = TeacherForcedExtractor.extract
+
+    def spy(self, adapter, ins, outs, layers, **options):
+        seen.append(list(layers))
+        return original(self, adapter, ins, outs, layers, **options)
+
+    monkeypatch.setattr(TeacherForcedExtractor, "extract", spy)
+    model, processor = load_model(tiny_llama_dir)
+    bundle = build_bundle(model, processor, small_policy, progress=False, batch_size=4, locator="fixed",
+                          locator_options={"band": [1], "strength": 0.5})
+    assert seen == [[1]] and bundle.manifest.layers == [1] and list(bundle.vectors) == [1]

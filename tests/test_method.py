@@ -171,6 +171,22 @@ def test_fixed_locator():
         FixedLocator().locate(30, _fake_evaluate([]), gate_layer=3)
 
 
+@pytest.mark.parametrize("operator", ["additive", "rotation"])
+def test_sweep_names_every_layer_it_may_choose(operator):
+    """The build extracts vectors only at these layers: a band outside them would have none."""
+    calls: list = []
+    SweepLocator().locate(30, _fake_evaluate(calls), gate_layer=20, operator=operator)
+    tried = {layer for band, _ in calls for layer in band}
+    assert SweepLocator().candidate_layers(30, operator=operator) == sorted(tried)
+    assert max(tried) < 15, "early-middle layers: a capture pass can stop halfway"
+
+
+def test_fixed_locator_names_its_band():
+    assert FixedLocator().candidate_layers(30, band=[7, 5, 6], strength=0.5) == [5, 6, 7]
+    assert FixedLocator().candidate_layers(30) is None
+    assert FixedLocator().candidate_layers(30, band=[40]) is None  # locate reports the bad band
+
+
 def _colour_images(tmp_path, names):
     from PIL import Image
 
