@@ -69,6 +69,12 @@ def _log(console: Console | None, message: str) -> None:
         console.print(message)
 
 
+def gate_layers(num_layers: int, options: BuildOptions) -> list[int]:
+    """Layers the gate is fitted at (the best one on validation is kept): the given ones, or
+    every layer from a quarter of the depth up."""
+    return list(options.gate_layers) if options.gate_layers else list(range(max(1, num_layers // 4), num_layers))
+
+
 def fit_gate(
     adapter: BackboneAdapter,
     data: PolicyData,
@@ -79,8 +85,7 @@ def fit_gate(
     progress: bool,
 ) -> GateFit:
     """Fit the gate at every candidate layer; keep the one that best separates validation data."""
-    n = adapter.num_layers
-    layers = list(options.gate_layers) if options.gate_layers else list(range(max(1, n // 4), n))
+    layers = gate_layers(adapter.num_layers, options)
     common = {"batch_size": options.batch_size, "progress": progress, "keep": True}
     train = capture(adapter, data.train_in + data.train_out, layers, description="gate features (train)", **common)
     val = capture(adapter, data.val_in + data.val_out, layers, description="gate features (validation)", **common)
@@ -169,9 +174,11 @@ def build_bundle(
     aligned: dict[str, Any] = {}
     if opts.aligner and data.has_images:
         aligner = manager.get("aligner", opts.aligner)()
+        # its directions join the vectors; its rows join the gate's training data at every gate layer
+        align_layers = sorted(set(steer_layers) | set(gate_layers(backbone.num_layers, opts)))
         aligned = aligner.align(backbone, data.train_in, data.train_out, vectors, refusal_instruction=instruction,
-                                refusal_prefix=pol.refusal_prefix, seed=seed, batch_size=opts.batch_size,
-                                progress=progress)
+                                refusal_prefix=pol.refusal_prefix, layers=align_layers, seed=seed,
+                                batch_size=opts.batch_size, progress=progress)
     # 3. gate
     gate_fit = fit_gate(backbone, data, opts, extra_rows=aligned or None, plugins=manager, progress=progress)
     _log(console, f"gate: {opts.gate} at layer {gate_fit.layer}, validation: {gate_fit.caught:.0%} of "

@@ -274,7 +274,11 @@ class VisualAligner(ABC):
         vectors: dict[int, torch.Tensor],
         **options: Any,
     ) -> dict[str, Any]:
-        """Return image-driven components (vectors, extra gate rows) as a dict of results."""
+        """Return image-driven components (vectors, extra gate rows) as a dict of results.
+
+        ``options["layers"]``, when given, are the layers results are needed at: the steering
+        candidates and every gate layer (``vectors`` holds only the former).
+        """
 
 
 @dataclass

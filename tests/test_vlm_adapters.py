@@ -236,3 +236,16 @@ def test_build_bundle_then_eval_through_cli_on_qwen2_vl(tiny_vlm_dirs, image_pol
     # and the bundle refuses the Qwen2.5-VL model, which has another fingerprint
     result = runner.invoke(app, ["verify", str(out), "--model", str(tiny_vlm_dirs("qwen2.5-vl"))])
     assert result.exit_code == 3 and "built for another model" in result.output
+
+
+def test_build_with_images_feeds_the_aligner_rows_to_every_gate_layer(tiny_llava_dir, image_policy):
+    """Vectors are extracted at the band only; the aligner's gate rows must still cover layers 1-3."""
+    from crvlm_sdk import load_model
+    from crvlm_sdk.build import build_bundle
+
+    model, processor = load_model(tiny_llava_dir)
+    bundle = build_bundle(model, processor, image_policy, progress=False, batch_size=4, locator="fixed",
+                          locator_options={"band": [0], "strength": 0.75})
+    m = bundle.manifest
+    assert m.layers == [0] and m.extraction["image_pairs"] == 2
+    assert [row["layer"] for row in m.validation["gate_table"]] == [1, 2, 3]
