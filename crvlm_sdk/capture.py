@@ -255,12 +255,7 @@ class _LayerReader:
             split: _PromptSplit | None = None) -> None:
         """One forward pass of ``batch`` read at ``weights`` into ``into``; with ``split``, the
         shared leading tokens run once and only the rest runs per row."""
-        if split is None:
-            self._forward(batch.to(self.device, self.dtype).inputs, into, weights, use_cache=False)
-            return
-        cache = self._prefix_cache(split)
-        self._forward(split.suffix, into, None if weights is None else weights[:, -split.width :],
-                      use_cache=True, **{self._cache_kwarg: cache})
+        self._run_prompt(batch, into, weights, split, cached=False)
 
     def run_continued(self, prompt: PromptBatch,
                       branches: Sequence[tuple[dict[str, torch.Tensor], ActivationStats, torch.Tensor]],
@@ -271,15 +266,7 @@ class _LayerReader:
         ``split``, the prompt itself runs as shared prefix + per-row rest, and the tails carry
         explicit positions (their columns no longer say where each row's tokens sit).
         """
-        if split is None:
-            inputs = prompt.to(self.device, self.dtype).inputs
-            cache = DynamicCache()
-            self._forward(inputs, None, None, use_cache=True, **{self._cache_kwarg: cache})
-            mask, next_position = inputs["attention_mask"], None
-        else:
-            cache = self._prefix_cache(split)
-            self._forward(split.suffix, None, None, use_cache=True, **{self._cache_kwarg: cache})
-            mask, next_position = split.suffix["attention_mask"], split.next_position
+        cache, mask, next_position = self._run_prompt(prompt, None, None, split, cached=True)
         for i, (tail, into, weights) in enumerate(branches):
             branch = cache if i == len(branches) - 1 else copy.deepcopy(cache)
             inputs = {k: v.to(self.device) for k, v in tail.items()}
@@ -314,6 +301,21 @@ class _LayerReader:
                 logger.info("the cached pass differs from the full pass at layer %d; running full passes", layer)
                 return False
         return True
+
+    def _run_prompt(self, prompt: PromptBatch, into: ActivationStats | None, weights: torch.Tensor | None,
+                    split: _PromptSplit | None, *, cached: bool,
+                    ) -> tuple[DynamicCache | None, torch.Tensor, torch.Tensor | None]:
+        """The prompt's pass (whole, or shared prefix + rest): its cache (with ``cached`` or a
+        split), the attention mask a continuation extends, and explicit next positions (split)."""
+        if split is None:
+            inputs = prompt.to(self.device, self.dtype).inputs
+            cache = DynamicCache() if cached else None
+            self._forward(inputs, into, weights, use_cache=cached, **({self._cache_kwarg: cache} if cached else {}))
+            return cache, inputs["attention_mask"], None
+        cache = self._prefix_cache(split)
+        self._forward(split.suffix, into, None if weights is None else weights[:, -split.width :],
+                      use_cache=True, **{self._cache_kwarg: cache})
+        return cache, split.suffix["attention_mask"], split.next_position
 
     def _prefix_cache(self, split: _PromptSplit) -> DynamicCache:
         cache = DynamicCache()
