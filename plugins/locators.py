@@ -86,14 +86,12 @@ class SweepLocator(LayerLocator):
         evaluate: Callable[[list[int], float], dict[str, float]],
         *,
         gate_layer: int,
-        centres: Sequence[int] | None = None,
-        grid: Sequence[tuple[int, Sequence[float]]] | None = None,
-        operator: str = "additive",
         brs_ceiling: float = 0.05,
         time_budget: float | None = None,
         **options: Any,
     ) -> LayerChoice:
-        candidates = self.candidates(num_layers, centres=centres, grid=grid, operator=operator)
+        """``options``: ``centres``, ``grid`` and ``operator`` as for :meth:`candidates`."""
+        candidates = self.candidates(num_layers, **options)
         if not candidates:
             raise CrvlmError("the sweep has no candidates (empty grid or no centres)")
         deadline = math.inf if time_budget is None else time.monotonic() + time_budget
