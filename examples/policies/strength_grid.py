@@ -17,8 +17,9 @@ import argparse
 import tempfile
 import time
 
-from crvlm_sdk import Steerer, load_model
+from crvlm_sdk import Sample, Steerer, load_model
 from crvlm_sdk.bundle import Bundle
+from crvlm_sdk.evaluate import run_system
 from crvlm_sdk.plugins import get_plugin_manager
 from crvlm_sdk.shape_policies import write_star_pictures
 
@@ -37,17 +38,14 @@ def main() -> None:
     built_alpha, built_strength = bundle.manifest.alpha, bundle.manifest.extraction["strength"]
     judge = get_plugin_manager().get("judge", "keyword")()
     with tempfile.TemporaryDirectory() as tmp:
-        rows = write_star_pictures(tmp, args.n, seed=args.seed)
+        samples = [Sample(r["question"], r["image"]) for r in write_star_pictures(tmp, args.n, seed=args.seed)]
         for item in args.grid:
             strength, steps = float(item.split(":")[0]), int(item.split(":")[1])
             bundle.manifest.alpha = built_alpha * strength / built_strength
             bundle.manifest.decode_steps = None if steps < 0 else steps
             steerer = Steerer.from_bundle(model, bundle, processor)
-            started, texts = time.monotonic(), []
-            for i in range(0, len(rows), 16):
-                chunk = rows[i : i + 16]
-                texts += steerer.generate([r["question"] for r in chunk], [r["image"] for r in chunk],
-                                          max_new_tokens=args.max_new_tokens)
+            started = time.monotonic()
+            texts, _ = run_system(steerer, samples, steer=True, max_new_tokens=args.max_new_tokens)
             refused = judge.judge(texts)
             print(f"strength {strength:.2f}, steps {steps}: refused {sum(refused)}/{len(refused)} "
                   f"({sum(refused) / len(refused):.3f}) in {time.monotonic() - started:.0f}s", flush=True)
