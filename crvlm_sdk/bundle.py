@@ -16,12 +16,12 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
@@ -31,11 +31,12 @@ from crvlm_sdk.errors import BundleError
 from crvlm_sdk.interfaces import BackboneAdapter, Fingerprint, Gate
 from crvlm_sdk.plugins import PluginManager, get_plugin_manager
 
-FORMAT_VERSION = "1.1"  # 1.1: `decode_steps`
+FORMAT_VERSION = "1.2"  # 1.1: `decode_steps`; 1.2: `response`
 MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
 
 Operator = Literal["additive", "rotation"]
+ResponseMode = Literal["steer", "template"]
 
 
 class BundleWarning(UserWarning):
@@ -59,6 +60,71 @@ class GateSpec(BaseModel):
     config: dict[str, Any] = Field(default_factory=dict)
 
 
+class ResponseSpec(BaseModel):
+    """What a refused user reads: the gate decides per row, these settings shape the answer.
+
+    Steering alone starts a refusal on a small model but rarely ends one cleanly (it loops or
+    drifts), so a refused row may get a forced ``opening`` and be ended after
+    ``stop_sentences`` sentences; in ``template`` mode its whole answer is ``message`` and the
+    model's activations only decide who is refused. A row counts as refused when its gate
+    score reaches ``threshold``; rows below it are never forced or cut.
+    """
+
+    model_config = ConfigDict(extra="allow")  # a newer minor format may add settings: warn, not fail
+
+    mode: ResponseMode = "steer"
+    #: text forced at the start of a refused row's answer ("" = none)
+    opening: str = ""
+    #: end a refused row after this many sentences (None = let it run)
+    stop_sentences: int | None = Field(default=None, ge=1)
+    #: template mode: a refused row's whole answer
+    message: str = ""
+    threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _template_has_message(self) -> ResponseSpec:
+        if self.mode == "template" and not self.message.strip():
+            raise ValueError("template mode needs a non-empty `message`")
+        return self
+
+    @property
+    def shapes(self) -> bool:
+        """Whether a refused row's answer is changed beyond steering."""
+        return self.mode == "template" or bool(self.opening) or self.stop_sentences is not None
+
+    @property
+    def steers(self) -> bool:
+        """Whether the steering vectors are applied (template answers need no steering)."""
+        return self.mode == "steer"
+
+    def describe(self) -> str:
+        if self.mode == "template":
+            return f"template {self.message!r} (refused when p >= {self.threshold:g})"
+        parts = ["steering"]
+        if self.opening:
+            parts.append(f"opening {self.opening!r}")
+        if self.stop_sentences is not None:
+            parts.append(f"ended after {self.stop_sentences} sentence{'s' if self.stop_sentences > 1 else ''}")
+        return " + ".join(parts) + f" (refused when p >= {self.threshold:g})"
+
+    def updated(self, overrides: ResponseSpec | Mapping[str, Any] | None) -> ResponseSpec:
+        """These settings with ``overrides`` applied (a whole spec, or some of its fields)."""
+        if overrides is None:
+            return self
+        if isinstance(overrides, ResponseSpec):
+            return overrides
+        unknown = sorted(set(overrides) - set(type(self).model_fields))
+        if unknown:
+            raise BundleError(f"unknown response setting(s) {unknown}",
+                              hint=f"use {', '.join(type(self).model_fields)}")
+        try:
+            return type(self).model_validate({**self.model_dump(exclude_unset=False), **overrides})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            loc = ".".join(str(p) for p in first["loc"]) or "response"
+            raise BundleError(f"response setting `{loc}`: {first['msg']}") from None
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -73,6 +139,8 @@ class Manifest(BaseModel):
     #: Steer the prompt and this many decoding steps, then stop (``None``: every generated token).
     decode_steps: int | None = Field(default=None, ge=0)
     gate: GateSpec
+    #: response shaping; a bundle written before format 1.2 steers only (the default spec)
+    response: ResponseSpec = Field(default_factory=ResponseSpec)
     extraction: dict[str, Any] = Field(default_factory=dict)
     validation: dict[str, Any] = Field(default_factory=dict)
     tensors_sha256: str = ""
@@ -109,6 +177,7 @@ class Bundle:
         alpha: float,
         operator: Operator = "additive",
         decode_steps: int | None = None,
+        response: ResponseSpec | None = None,
         extraction: Mapping[str, Any] | None = None,
         validation: Mapping[str, Any] | None = None,
         extra_tensors: Mapping[str, torch.Tensor] | None = None,
@@ -123,6 +192,7 @@ class Bundle:
             alpha=float(alpha),
             operator=operator,
             decode_steps=decode_steps,
+            response=response or ResponseSpec(),
             gate=GateSpec(type=gate.name, layer=gate_layer, params=sorted(gate.tensors()), config=gate.config()),
             extraction=dict(extraction or {}),
             validation=dict(validation or {}),
@@ -169,6 +239,22 @@ class Bundle:
                 raise BundleError(f"{where}: tensor `gate.{name}` contains NaN or inf")
         if not (m.alpha == m.alpha and abs(m.alpha) != float("inf")):
             raise BundleError(f"{where}: field `alpha` is not finite")
+
+    def replaced(self, *, name: str | None = None, gate_tensors: Mapping[str, torch.Tensor] | None = None,
+                 **manifest_fields: Any) -> Bundle:
+        """A copy with some manifest fields changed (``name``: the policy name), tensors shared.
+
+        Evaluation variants and sweep candidates are built this way; the copy is checked like
+        any new bundle.
+        """
+        update = dict(manifest_fields)
+        if name is not None:
+            update["policy"] = self.manifest.policy.model_copy(update={"name": name})
+        manifest = Manifest.model_validate(self.manifest.model_copy(update=update).model_dump())
+        bundle = replace(self, manifest=manifest,
+                         gate_tensors=dict(self.gate_tensors if gate_tensors is None else gate_tensors))
+        bundle.check(f"<variant {bundle.name}>")
+        return bundle
 
     def gate(self, plugins: PluginManager | None = None) -> Gate:
         """Instantiate the bundle's gate through the plugin registry."""
@@ -298,6 +384,7 @@ def _read_manifest(path: Path) -> Manifest:
         loc = ".".join(str(p) for p in first["loc"]) or "(root)"
         raise BundleError(f"{path}: field `{loc}`: {first['msg']}") from None
     unknown = sorted(manifest.model_extra or {})
+    unknown += [f"response.{k}" for k in sorted(manifest.response.model_extra or {})]
     if unknown:
         newer = " (written by a newer crvlm)" if minor > our_minor else ""
         warnings.warn(f"{path}: ignoring unknown manifest keys {unknown}{newer}", BundleWarning, stacklevel=3)

@@ -9,6 +9,8 @@ A policy is a YAML file::
     out_of_scope: out_of_scope.jsonl
     refusal_instruction: "Say 'Sorry, I cannot answer that question.' if the question is NOT about {subject}."
     refusal_prefix: "Sorry,"
+    refusal_opening: "I'm sorry, but"   # forced at the start of a refused answer ("" = none)
+    refusal_message: "I'm sorry, but I can only help with {subject}."   # template mode's answer
     validation: val.jsonl              # optional; otherwise split off the training data
     test: test.jsonl                   # optional; used by `crvlm eval --policy`
     seed: 0
@@ -34,6 +36,8 @@ from crvlm_sdk.errors import CrvlmError
 from crvlm_sdk.interfaces import Sample
 
 DEFAULT_INSTRUCTION = "Say 'Sorry, I cannot answer that question.' if the question is NOT about {subject}."
+DEFAULT_OPENING = "I'm sorry, but"
+DEFAULT_MESSAGE = "I'm sorry, but I can only help with {subject}."
 _PLACEHOLDERS = {"subject", "name", "description"}
 MIN_SPLIT = 4  # fewer examples than this per class in a split cannot train or calibrate anything
 
@@ -53,6 +57,8 @@ class Policy(BaseModel):
     refusal_instruction: str = DEFAULT_INSTRUCTION
     refusal_prefix: str = "Sorry,"
     compliant_prefix: str = "Sure,"
+    refusal_opening: str = DEFAULT_OPENING
+    refusal_message: str = Field(default=DEFAULT_MESSAGE, min_length=1)
     validation: str | None = None
     test: str | None = None
     validation_fraction: float = Field(default=0.2, gt=0, lt=1)
@@ -62,7 +68,7 @@ class Policy(BaseModel):
     base_dir: Path = Field(default=Path("."), exclude=True)
     source: str = Field(default="<inline policy>", exclude=True)
 
-    @field_validator("refusal_instruction")
+    @field_validator("refusal_instruction", "refusal_message", "refusal_opening")
     @classmethod
     def _known_placeholders(cls, value: str) -> str:
         names = {field for _, field, _, _ in string.Formatter().parse(value) if field is not None}
@@ -93,9 +99,20 @@ class Policy(BaseModel):
             loc = ".".join(str(p) for p in first["loc"]) or "(root)"
             raise PolicyError(f"{path}: field `{loc}`: {first['msg']}") from None
 
+    def _fill(self, template: str) -> str:
+        return template.format(subject=self.subject, name=self.name, description=self.description)
+
     def instruction(self) -> str:
         """The refusal instruction with ``{subject}`` (and ``{name}``, ``{description}``) filled in."""
-        return self.refusal_instruction.format(subject=self.subject, name=self.name, description=self.description)
+        return self._fill(self.refusal_instruction)
+
+    def opening(self) -> str:
+        """The forced opening of a refused answer, placeholders filled in."""
+        return self._fill(self.refusal_opening)
+
+    def message(self) -> str:
+        """The whole answer of a refused row in template mode, placeholders filled in."""
+        return self._fill(self.refusal_message)
 
     def summary(self, n_in: int, n_out: int) -> dict[str, Any]:
         return {"name": self.name, "subject": self.subject, "description": self.description,

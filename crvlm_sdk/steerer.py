@@ -14,7 +14,10 @@ How a forward pass is steered (all hooks installed by :meth:`Steerer.apply`, rem
   generated tokens only, then its ``scale`` is zeroed in place. On small models a push strong
   enough to start a refusal wrecks the text if it never lets go; stopping after a few tokens
   leaves a refusal opening that the model continues on its own. Token positions decide, so
-  generation without a KV cache steers the same tokens as cached generation.
+  generation without a KV cache steers the same tokens as cached generation;
+- inside ``generate``, a bundle's ``response`` settings (forced opening, stop after n
+  sentences, or a template answer) are applied to the rows its gate refuses by a logits
+  processor that reads the same gate buffers (:mod:`crvlm_sdk.response`).
 
 Inside ``model.generate`` the first forward call is the prefill and every later one a
 decoding step, with or without KV cache (so cached and uncached generation agree). Outside
@@ -27,7 +30,7 @@ hook layout through one compiled ``generate``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +40,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from crvlm_sdk.backbones import adapter_for
-from crvlm_sdk.bundle import Bundle
+from crvlm_sdk.bundle import Bundle, ResponseSpec
 from crvlm_sdk.capture import Sample, capture, model_float_dtype, model_input_device
 from crvlm_sdk.errors import CrvlmError
 from crvlm_sdk.hooks import (
@@ -51,9 +54,13 @@ from crvlm_sdk.hooks import (
 )
 from crvlm_sdk.interfaces import BackboneAdapter, Gate, ImageInput
 from crvlm_sdk.plugins import PluginManager
+from crvlm_sdk.response import ResponseShaper, RowPlan, end_of_sequence_id, sentence_end_ids
 
 _CACHE_KWARGS = ("cache", "past_key_values", "cache_position")
 _ACTIVE_ATTR = "_crvlm_active_steerer"
+#: ``response=`` argument: a whole spec, some of its fields, ``False`` (steering only) or None (as built)
+ResponseOverride = ResponseSpec | Mapping[str, Any] | bool | None
+_STEER_ONLY = {"mode": "steer", "opening": "", "stop_sentences": None}
 
 
 @dataclass
@@ -65,6 +72,8 @@ class _Loaded:
     gate_device: torch.device
     vectors: dict[int, torch.Tensor] = field(default_factory=dict)  # α·v_l on layer's device/dtype
     in_pass_gate: bool = True
+    #: response settings in force for the current ``apply()`` block
+    response: ResponseSpec = field(default_factory=ResponseSpec)
     # Per-row buffers, reallocated only when the batch size changes.
     p: torch.Tensor | None = None
     row_mask: torch.Tensor | None = None
@@ -115,6 +124,7 @@ class Steerer:
         self._loaded = [_Loaded(b, b.gate(plugins), torch.device("cpu")) for b in bundles]
         self._state = _State()
         self._placed_for: tuple[tuple[torch.device, torch.dtype], ...] | None = None
+        self._sentence_ends: torch.Tensor | None = None
         self._place()
 
     @classmethod
@@ -142,6 +152,10 @@ class Steerer:
     @property
     def bundle_names(self) -> list[str]:
         return [item.name for item in self._loaded]
+
+    @property
+    def bundles(self) -> list[Bundle]:
+        return [item.bundle for item in self._loaded]
 
     # -- placement ------------------------------------------------------------------------
     def _place(self) -> None:
@@ -174,6 +188,8 @@ class Steerer:
         band_layers: dict[int, list[_Loaded]] = {}
         for item in self._loaded:
             gate_layers.setdefault(item.bundle.manifest.gate.layer, []).append(item)
+            if not item.response.steers:
+                continue  # template answers need the gate only
             for layer in item.bundle.manifest.layers:
                 band_layers.setdefault(layer, []).append(item)
         prepass_items = [item for item in self._loaded if not item.in_pass_gate]
@@ -306,21 +322,30 @@ class Steerer:
         *,
         rows: Sequence[Sequence[str]] | None = None,
         bundles: Sequence[str] | None = None,
+        response: ResponseOverride = None,
     ) -> Iterator[Steerer]:
         """Steer every forward/generate call on the model inside the block.
 
         ``bundles`` limits which bundles apply to all rows; ``rows`` gives, per batch row, the
-        names of the bundles that apply to that row (multi-tenant batches).
+        names of the bundles that apply to that row (multi-tenant batches). ``response``
+        overrides every bundle's response settings for the block: a :class:`ResponseSpec`,
+        some of its fields (``{"stop_sentences": 2}``), or ``False`` for steering only.
         """
         if getattr(self.model, _ACTIVE_ATTR, None) is not None:
             raise CrvlmError("a Steerer is already active on this model; nested apply() is not supported")
         self._place()
         self._state.selection = self._selection(rows, bundles)
+        override = _STEER_ONLY if response is False else (None if response is True else response)
+        for item in self._loaded:
+            item.response = item.bundle.manifest.response.updated(override)
         specs = self._hook_specs()
         original_generate = self.model.__dict__.get("generate")
         steerer = self
 
         def generate(*args: Any, **kwargs: Any) -> Any:
+            shaper = steerer._shaper(kwargs.get("eos_token_id"))
+            if shaper is not None:
+                kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []), shaper])
             steerer._state.in_generate, steerer._state.generate_started = True, False
             try:
                 return type(steerer.model).generate(steerer.model, *args, **kwargs)
@@ -343,6 +368,30 @@ class Steerer:
                 self.model.generate = original_generate
             delattr(self.model, _ACTIVE_ATTR)
 
+    def _shaper(self, eos_override: Any) -> ResponseShaper | None:
+        """The logits processor that shapes refused rows in this ``generate`` call, if any bundle asks."""
+        if not any(item.response.shapes for item in self._loaded):
+            return None
+        eos = end_of_sequence_id(self.model, self.adapter, eos_override)
+        plans = []
+        for item in self._loaded:
+            spec = item.response
+            if spec.mode == "template":
+                forced = [*self.adapter.encode_text(spec.message), eos]
+            else:
+                forced = self.adapter.encode_text(spec.opening) if spec.opening else []
+            plans.append(RowPlan(spec.threshold, forced, spec.stop_sentences if spec.mode == "steer" else None))
+        if self._sentence_ends is None:
+            vocab = self.model.get_output_embeddings().weight.shape[0]
+            self._sentence_ends = sentence_end_ids(self.adapter, vocab)
+        return ResponseShaper(plans, self._gate_buffers, self._sentence_ends, eos)
+
+    def _gate_buffers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each bundle's current ``(p, row_mask)``: reallocated at prefill, so looked up after it."""
+        if any(item.p is None or item.row_mask is None for item in self._loaded):
+            raise CrvlmError("the gate was not read before the first decoding step")
+        return [(item.p, item.row_mask) for item in self._loaded]  # type: ignore[misc]
+
     def _selection(self, rows: Sequence[Sequence[str]] | None, bundles: Sequence[str] | None) -> torch.Tensor | None:
         names = self.bundle_names
         for name in [n for row in (rows or []) for n in row] + list(bundles or []):
@@ -363,11 +412,16 @@ class Steerer:
         rows: Sequence[Sequence[str]] | None = None,
         bundles: Sequence[str] | None = None,
         steer: bool = True,
+        response: ResponseOverride = None,
         **generate_kwargs: Any,
     ) -> list[str]:
-        """Answer ``questions`` (greedy, 64 new tokens unless told otherwise)."""
+        """Answer ``questions`` (greedy, 64 new tokens unless told otherwise).
+
+        ``response`` overrides the bundles' response settings for this call (see :meth:`apply`).
+        """
         return self.generate_detailed(
-            questions, images, system=system, rows=rows, bundles=bundles, steer=steer, **generate_kwargs
+            questions, images, system=system, rows=rows, bundles=bundles, steer=steer, response=response,
+            **generate_kwargs,
         ).texts
 
     def generate_detailed(
@@ -375,13 +429,17 @@ class Steerer:
         questions: Sequence[str] | str,
         images: Sequence[ImageInput | Sequence[ImageInput] | None] | None = None,
         *,
-        system: str | None = None,
+        system: str | Sequence[str | None] | None = None,
         rows: Sequence[Sequence[str]] | None = None,
         bundles: Sequence[str] | None = None,
         steer: bool = True,
+        response: ResponseOverride = None,
         **generate_kwargs: Any,
     ) -> Generation:
-        """Like :meth:`generate`, also returning the first decoding step's logits (for judges)."""
+        """Like :meth:`generate`, also returning what judges read: first-step logits, ended rows.
+
+        ``system`` may differ per row (a list), like ``rows``.
+        """
         if isinstance(questions, str):
             questions = [questions]
         batch = self.adapter.build_prompts(questions, images, system=system)
@@ -392,13 +450,15 @@ class Steerer:
         kwargs["logits_processor"] = LogitsProcessorList([*kwargs.get("logits_processor", []), first])
         with torch.inference_mode():
             if steer:
-                with self.apply(rows=rows, bundles=bundles):
+                with self.apply(rows=rows, bundles=bundles, response=response):
                     out = self.model.generate(**batch.inputs, **kwargs)
             else:
                 out = self.model.generate(**batch.inputs, **kwargs)
-        new_tokens = out[:, batch.seq_len :]
-        texts = [self.adapter.decode(row.tolist()).strip() for row in new_tokens]
-        return Generation(texts, first.logits)
+        new_tokens = out[:, batch.seq_len :].tolist()
+        texts = [self.adapter.decode(row).strip() for row in new_tokens]
+        stops = _eos_ids(self.model, kwargs.get("eos_token_id"))
+        ended = [any(token in stops for token in row) for row in new_tokens]
+        return Generation(texts, first.logits, ended)
 
     def gate_scores(
         self,
@@ -428,6 +488,17 @@ class Generation:
     texts: list[str]
     #: (B, V) float32 logits of the first generated token, on the CPU
     first_logits: torch.Tensor | None
+    #: per row: the answer ended (end-of-sequence) before the token limit
+    ended: list[bool] = field(default_factory=list)
+
+
+def _eos_ids(model: torch.nn.Module, override: Any) -> set[int]:
+    value = override if override is not None else getattr(model.generation_config, "eos_token_id", None)
+    if value is None:
+        return set()
+    if isinstance(value, torch.Tensor):
+        return {int(v) for v in value.flatten().tolist()}
+    return {int(v) for v in value} if isinstance(value, (list, tuple)) else {int(value)}
 
 
 class _FirstLogits(LogitsProcessor):

@@ -120,6 +120,38 @@ def test_format_1_0_bundle_without_decode_steps_steers_every_token(saved):
         assert Bundle.load(path).manifest.decode_steps is None
 
 
+def test_response_settings_round_trip(tiny_llama, tmp_path):
+    from crvlm_sdk.bundle import ResponseSpec
+
+    _, _, adapter = tiny_llama
+    spec = ResponseSpec(opening="I'm sorry, but", stop_sentences=1, message="No.", threshold=0.6)
+    path = make_bundle(adapter).replaced(response=spec).save(tmp_path / "b")
+    assert Bundle.load(path).manifest.response == spec
+
+
+def test_format_1_1_bundle_without_response_steers_only(saved):
+    _, path, _ = saved
+    edit_manifest(path, format_version="1.1", response=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BundleWarning)
+        spec = Bundle.load(path).manifest.response
+    assert (spec.mode, spec.opening, spec.stop_sentences, spec.shapes) == ("steer", "", None, False)
+
+
+def test_template_without_message_is_a_field_error(saved):
+    _, path, _ = saved
+    edit_manifest(path, response={"mode": "template", "message": ""})
+    with pytest.raises(BundleError, match="field `response`: Value error, template mode needs a non-empty `message`"):
+        Bundle.load(path)
+
+
+def test_unknown_response_setting_from_a_newer_minor_format_warns(saved):
+    _, path, _ = saved
+    edit_manifest(path, format_version="1.9", response={"mode": "steer", "tone": "warm"})
+    with pytest.warns(BundleWarning, match=r"\['response.tone'\]"):
+        Bundle.load(path)
+
+
 def test_negative_decode_steps_is_a_field_error(saved):
     _, path, _ = saved
     edit_manifest(path, decode_steps=-1)

@@ -43,3 +43,34 @@ def test_static_cache_compiled_generate_matches_eager(tiny_llama):
             # two consecutive prompts with different gates through one compiled graph
             assert [compiled_generate(p) for p in PROMPTS] == eager[steerer]
     assert compiled_generate(PROMPTS[1]) == plain[1]
+
+
+def test_response_shaping_under_compiled_decoding(tiny_llama):
+    """The shaper reads the gate buffers from a logits processor: compiled decoding changes nothing."""
+    from crvlm_sdk.bundle import ResponseSpec
+
+    model, _, adapter = tiny_llama
+    bundle = make_bundle(adapter, layers=(1, 2), gate_layer=0, alpha=8.0, seed=0)
+    scores = steerer_for(adapter, bundle).gate_scores(PROMPTS)["test"]
+    threshold = float(scores.mean())  # one prompt refused, the other passed
+    spec = ResponseSpec(opening="Sorry.", stop_sentences=1, threshold=threshold)
+    steerer = steerer_for(adapter, bundle.replaced(response=spec))
+    config = CompileConfig(fullgraph=False, dynamic=False, mode="default")
+    config._compile_all_devices = True
+
+    def run(prompts, **extra):
+        batch = adapter.build_prompts(prompts)
+        with steerer.apply():
+            out = model.generate(**batch.inputs, do_sample=False, pad_token_id=adapter.pad_token_id,
+                                 max_new_tokens=6, **extra)
+        return out[:, batch.seq_len :].tolist()
+
+    eager = run(PROMPTS)
+    compiled = run(PROMPTS, cache_implementation="static", compile_config=config)
+    assert "_compiled_call" in model.__dict__, "decoding did not take the compiled path"
+    assert compiled == eager
+    opening = adapter.encode_text("Sorry.")
+    refused = [float(p) >= threshold for p in scores]
+    assert sum(refused) == 1
+    for ids, is_refused in zip(compiled, refused, strict=True):
+        assert (ids[: len(opening)] == opening) is is_refused

@@ -32,6 +32,15 @@ def test_instruction_interpolates_subject(tmp_path):
     assert default.refusal_prefix == "Sorry,"
 
 
+def test_refusal_texts_interpolate_and_default(tmp_path):
+    policy = Policy.load(write_policy(tmp_path, refusal_message="Sorry, {name} only covers {subject}."))
+    assert policy.message() == "Sorry, t only covers baking."
+    assert policy.opening() == "I'm sorry, but"
+    assert Policy.load(write_policy(tmp_path)).message() == "I'm sorry, but I can only help with baking."
+    with pytest.raises(PolicyError, match=r"field `refusal_opening`: .*unknown placeholder"):
+        Policy.load(write_policy(tmp_path, refusal_opening="Sorry {whom},"))
+
+
 def test_unknown_placeholder_is_refused(tmp_path):
     with pytest.raises(PolicyError, match=r"field `refusal_instruction`.*unknown placeholder\(s\) \['topic'\]"):
         Policy.load(write_policy(tmp_path, refusal_instruction="About {topic} only"))
