@@ -281,14 +281,71 @@ class VisualAligner(ABC):
         """
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """One setting a locator may choose: where and how hard to steer, and how refused rows read.
+
+    ``strength`` is relative to the residual norm (0: no steering, only the gate and the
+    response); ``decode_steps`` is how many generated tokens are steered (None: all);
+    ``response`` holds :class:`~crvlm_sdk.bundle.ResponseSpec` fields that differ from the
+    build's default response (``{"stop_sentences": 2}``, ``{"mode": "template"}``).
+    """
+
+    band: tuple[int, ...]
+    strength: float
+    operator: str = "rotation"
+    decode_steps: int | None = 8
+    response: Mapping[str, Any] = field(default_factory=dict)
+    image_weight: float = 0.0
+
+    def label(self) -> str:
+        """Short description for sweep tables: steering, then how refused rows read."""
+        spec = self.response
+        if spec.get("mode") == "template":
+            return "template answer"
+        steering = "no steering" if self.strength == 0 else (
+            f"{self.operator} {list(self.band)} × {self.strength:g}, "
+            f"{'all' if self.decode_steps is None else self.decode_steps} tok")
+        stop = spec.get("stop_sentences")
+        shaping = [
+            "opening" if spec.get("opening") else "no opening",
+            f"stop {stop}" if stop else "no stop",
+        ]
+        image = f", image {self.image_weight:g}" if self.image_weight else ""
+        return f"{steering}; {', '.join(shaping)}{image}"
+
+
+class CandidateEvaluator(ABC):
+    """Scores candidates on validation data for a locator (supplied by the build pipeline).
+
+    ``evaluate.many(candidates)`` scores several at once (the build runs them in one batched
+    ``generate``, so asking for many together is much cheaper than one by one); calling
+    ``evaluate(band, strength)`` scores one candidate with the build's other settings.
+    Each result holds ``srs`` (clean refusals), ``srs_keyword``, ``brs``, ``mb`` and ``alpha``.
+    """
+
+    defaults: Candidate
+
+    @abstractmethod
+    def many(self, candidates: Sequence[Candidate]) -> list[dict[str, Any]]:
+        """One score dict per candidate, in order."""
+
+    def __call__(self, band: Sequence[int], strength: float) -> dict[str, Any]:
+        base = self.defaults
+        candidate = Candidate(tuple(band), float(strength), base.operator, base.decode_steps, base.response)
+        return self.many([candidate])[0]
+
+
 @dataclass
 class LayerChoice:
-    """Where to read the gate, where to steer and how hard."""
+    """Where to read the gate, where to steer and how hard (and, from a sweep that chose them,
+    the operator, steered tokens and response settings; None keeps the build's)."""
 
     gate_layer: int
     band: list[int]
     alpha: float
     table: list[dict[str, Any]] = field(default_factory=list)
+    candidate: Candidate | None = None
 
 
 class LayerLocator(ABC):
@@ -298,7 +355,7 @@ class LayerLocator(ABC):
 
     @abstractmethod
     def locate(self, num_layers: int, evaluate: Any, **options: Any) -> LayerChoice:
-        """Pick a :class:`LayerChoice`; ``evaluate`` scores a candidate on validation data."""
+        """Pick a :class:`LayerChoice`; ``evaluate`` is a :class:`CandidateEvaluator`."""
 
     def candidate_layers(self, num_layers: int, **options: Any) -> list[int] | None:
         """Every layer ``locate`` may put in a band, given the same options; None: any layer.
@@ -310,11 +367,40 @@ class LayerLocator(ABC):
         return None
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """How one answer reads.
+
+    ``declines``: it opens by declining (any refusal, however broken: this is what counts as
+    over-refusal on in-scope questions). ``clean``: a refusal a product could ship (it declines,
+    does not loop, is made of words, stays a refusal and ends). ``degenerate``: it loops or is
+    not made of words, refusal or not (an in-scope answer that became degenerate under steering
+    has degraded). ``reason`` says why a declining answer is not clean ("" otherwise).
+    """
+
+    declines: bool
+    clean: bool
+    degenerate: bool = False
+    reason: str = ""
+
+
 class RefusalJudge(ABC):
-    """Decides whether a generated answer is a refusal."""
+    """Decides whether a generated answer is a refusal.
+
+    ``context`` carries what the evaluator knows besides the text, per answer or per batch:
+    ``ended`` (list of bool: the answer stopped before the token limit), ``first_logits``
+    ((N, V) logits of the first generated token) and ``tokenizer``. A judge uses what it needs
+    and ignores the rest.
+    """
 
     name: ClassVar[str]
+    #: whether the evaluator must keep first-token logits for this judge (they are large)
+    needs_first_logits: ClassVar[bool] = False
 
     @abstractmethod
-    def judge(self, answers: Sequence[str]) -> list[bool]:
+    def judge(self, answers: Sequence[str], **context: Any) -> list[bool]:
         """One verdict per answer: ``True`` means refused."""
+
+    def assess(self, answers: Sequence[str], **context: Any) -> list[Verdict]:
+        """Richer verdicts; a judge that only says refused or not counts every refusal as clean."""
+        return [Verdict(declines=v, clean=v) for v in self.judge(answers, **context)]

@@ -35,6 +35,6 @@ def crvlm_aligners() -> list[type]:
 
 @hookimpl
 def crvlm_judges() -> list[type]:
-    from crvlm_plugins.judges import KeywordJudge, LogitJudge
+    from crvlm_plugins.judges import KeywordJudge, LogitJudge, StrictJudge
 
-    return [KeywordJudge, LogitJudge]
+    return [StrictJudge, KeywordJudge, LogitJudge]
