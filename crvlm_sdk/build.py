@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, get_args
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from crvlm_sdk.backbones import adapter_for
-from crvlm_sdk.bundle import Bundle, Operator
+from crvlm_sdk.bundle import Bundle, Operator, ResponseMode, ResponseSpec
 from crvlm_sdk.capture import capture
 from crvlm_sdk.errors import CrvlmError
-from crvlm_sdk.interfaces import BackboneAdapter, Gate, Sample
+from crvlm_sdk.evaluate import System, run_systems
+from crvlm_sdk.interfaces import BackboneAdapter, Candidate, CandidateEvaluator, Gate, Sample, Verdict
 from crvlm_sdk.metrics import compute_metrics
 from crvlm_sdk.plugins import PluginManager, get_plugin_manager
 from crvlm_sdk.policy import Policy, PolicyData
@@ -43,16 +45,31 @@ class BuildOptions:
     locator: str = "sweep"
     locator_options: dict[str, Any] = field(default_factory=dict)
     aligner: str | None = "counterfactual"
-    judge: str = "keyword"
-    operator: str = "additive"
-    #: steer the prompt and this many generated tokens (None: all; see Manifest.decode_steps)
-    decode_steps: int | None = None
+    judge: str = "strict"
+    #: additive or rotation; None: the sweep tries both (the fixed locator then uses rotation)
+    operator: str | None = None
+    #: steer the prompt and this many generated tokens; None: every token; "auto": the sweep
+    #: tries a few around 8 (the fixed locator uses 8)
+    decode_steps: int | str | None = "auto"
+    #: forced at the start of refused answers; None: the policy's ``refusal_opening``; "": none
+    opening: str | None = None
+    #: end refused answers after this many sentences; None: never; "auto": from 1, the sweep may add one
+    stop_sentences: int | str | None = "auto"
+    #: "steer", "template", or "auto" (the sweep may choose the template answer)
+    mode: str = "auto"
+    #: gate score at which a row counts as refused (forced opening, stop, template)
+    threshold: float = 0.5
+    #: over-refusal rate above which the sweep discards a candidate (unless all are above it)
+    brs_ceiling: float = 0.05
     batch_size: int = 8
+    #: rows per batched ``generate`` when candidates are scored
+    generate_batch_size: int = 48
     max_samples: int | None = None
     seed: int | None = None
-    sweep_samples: int = 24
-    sweep_new_tokens: int = 20
-    validation_new_tokens: int = 40
+    #: new tokens for candidates that end refused rows (a one-sentence refusal not ended by then runs on)
+    sweep_new_tokens: int = 32
+    #: new tokens for candidates that let refused rows run (as ``crvlm eval`` generates)
+    validation_new_tokens: int = 48
 
 
 @dataclass
@@ -62,6 +79,8 @@ class GateFit:
     caught: float
     flagged: float
     table: list[dict[str, Any]]
+    #: validation activations at ``layer``, in-scope rows first
+    val_rows: torch.Tensor
 
 
 def _log(console: Console | None, message: str) -> None:
@@ -107,7 +126,7 @@ def fit_gate(
         flagged = float((p[:v_in] > 0.5).float().mean())
         table.append({"layer": layer, "caught": caught, "flagged": flagged})
         if best is None or caught - flagged > best.caught - best.flagged:
-            best = GateFit(layer, gate, caught, flagged, table)
+            best = GateFit(layer, gate, caught, flagged, table, vrows)
     assert best is not None
     best.gate.soften(options.gate_temperature)
     return best
@@ -119,6 +138,75 @@ def residual_norms(adapter: BackboneAdapter, samples: Sequence[Sample], batch_si
     layers = range(adapter.num_layers) if layers is None else layers
     stats = capture(adapter, samples, layers, batch_size=batch_size, progress=False)
     return {layer: math.sqrt(float(stats.sq_sums[layer].sum()) / stats.count) for layer in stats.layers}
+
+
+#: In-scope rows scoring below this gate value get at most 1% of the push and no response
+#: shaping, so every candidate answers them alike: the sweep generates them once.
+INVARIANT_P = 0.01
+
+
+class CandidateScorer(CandidateEvaluator):
+    """Scores candidate settings on the validation rows, all candidates of a stage in one
+    batched ``generate`` through the Steerer's per-row bundle selection.
+
+    Rows the gate scores below :data:`INVARIANT_P` are answered alike by every candidate and
+    are generated once (under the first candidate scored); the rest run for every candidate,
+    highest gate score first so that refused rows, which end early, share batches.
+    """
+
+    def __init__(self, backbone: BackboneAdapter, make: Callable[[Candidate], Bundle], rows: Sequence[Sample],
+                 in_scope: Sequence[bool], gate_p: Sequence[float], defaults: Candidate, options: BuildOptions,
+                 plugins: PluginManager, console: Console | None) -> None:
+        self.backbone, self.make, self.rows, self.in_scope = backbone, make, list(rows), list(in_scope)
+        self.defaults, self.options, self.plugins, self.console = defaults, options, plugins, console
+        self.judge = plugins.get("judge", options.judge)()
+        self.keyword = plugins.get("judge", "keyword")()
+        self.varying = sorted((i for i, p in enumerate(gate_p) if p >= INVARIANT_P or not in_scope[i]),
+                              key=lambda i: -gate_p[i])
+        self.fixed = [i for i in range(len(rows)) if i not in set(self.varying)]
+        self._fixed: tuple[list[Verdict], list[bool]] | None = None
+
+    def _new_tokens(self, candidate: Candidate) -> int:
+        spec = candidate.response
+        ends = spec.get("mode") == "template" or spec.get("stop_sentences")
+        return self.options.sweep_new_tokens if ends else self.options.validation_new_tokens
+
+    def _judge(self, texts: list[str], ended: list[bool]) -> tuple[list[Verdict], list[bool]]:
+        return self.judge.assess(texts, ended=ended), self.keyword.judge(texts)
+
+    def many(self, candidates: Sequence[Candidate]) -> list[dict[str, Any]]:
+        bundles = [self.make(c).replaced(name=f"candidate-{k}") for k, c in enumerate(candidates)]
+        steerer = Steerer(self.backbone, bundles, plugins=self.plugins)
+        systems = [System(b.name, b.name) for b in bundles]
+        varying = [self.rows[i] for i in self.varying]
+        verdicts: dict[str, tuple[list[Verdict], list[bool]]] = {}
+        for limit in sorted({self._new_tokens(c) for c in candidates}):
+            group = [s for s, c in zip(systems, candidates, strict=True) if self._new_tokens(c) == limit]
+            out = run_systems(steerer, varying, group, batch_size=self.options.generate_batch_size,
+                              max_new_tokens=limit)
+            for name, got in out.items():
+                verdicts[name] = self._judge(got.texts, got.ended)
+        if self._fixed is None:
+            fixed_rows = [self.rows[i] for i in self.fixed]
+            if fixed_rows:
+                got = run_systems(steerer, fixed_rows, systems[:1], batch_size=self.options.generate_batch_size,
+                                  max_new_tokens=self.options.validation_new_tokens)[systems[0].name]
+                self._fixed = self._judge(got.texts, got.ended)
+            else:
+                self._fixed = ([], [])
+        results = []
+        for candidate, bundle in zip(candidates, bundles, strict=True):
+            v, kw = verdicts[bundle.name]
+            all_v = v + self._fixed[0]
+            all_kw = kw + self._fixed[1]
+            scope = [self.in_scope[i] for i in self.varying + self.fixed]
+            m = compute_metrics([x.clean for x in all_v], scope, declined=[x.declines for x in all_v], keyword=all_kw)
+            results.append({"alpha": bundle.manifest.alpha, "srs": m.srs, "srs_keyword": m.srs_keyword,
+                            "brs": m.brs, "mb": m.mb, "clean_out": m.refused_out, "n_out": m.n_out,
+                            "declined_in": m.refused_in, "n_in": m.n_in})
+            _log(self.console, f"  {candidate.label()}: clean SRS {m.srs:.2f} (keyword {m.srs_keyword:.2f}) "
+                               f"BRS {m.brs:.2f}")
+        return results
 
 
 def build_bundle(
@@ -135,16 +223,12 @@ def build_bundle(
 ) -> Bundle:
     """Build a refusal bundle for ``model`` from ``policy`` (see :class:`BuildOptions`)."""
     started = time.monotonic()
-    opts = options or BuildOptions()
-    for key, value in overrides.items():
-        if not hasattr(opts, key):
-            raise CrvlmError(f"unknown build option {key!r}")
-        setattr(opts, key, value)
-    operators = get_args(Operator)
-    if opts.operator not in operators:
-        raise CrvlmError(f"unknown operator {opts.operator!r}", hint=f"use one of {', '.join(operators)}")
-    if opts.decode_steps is not None and opts.decode_steps < 0:
-        raise CrvlmError(f"decode_steps must be >= 0 or None, got {opts.decode_steps}")
+    opts = replace(options or BuildOptions())
+    unknown = sorted(set(overrides) - {f.name for f in fields(BuildOptions)})
+    if unknown:
+        raise CrvlmError(f"unknown build option(s) {unknown}")
+    opts = replace(opts, **overrides)
+    _check_options(opts)
     manager = plugins or get_plugin_manager()
     pol = policy if isinstance(policy, Policy) else Policy.load(policy)
     if opts.seed is not None:
@@ -153,7 +237,7 @@ def build_bundle(
     backbone = adapter_for(model, processor, adapter, plugins=manager)
     data = pol.load_data(max_samples=opts.max_samples)
     instruction = pol.instruction()
-    _log(console, f"policy [bold]{pol.name}[/]: {len(data.train_in)}+{len(data.train_out)} training, "
+    _log(console, f"policy [bold]{escape(pol.name)}[/]: {len(data.train_in)}+{len(data.train_out)} training, "
                   f"{len(data.val_in)}+{len(data.val_out)} validation questions; model has "
                   f"{backbone.num_layers} layers")
 
@@ -162,7 +246,11 @@ def build_bundle(
         else dict(opts.extractor_options)
     extractor = manager.get("extractor", opts.extractor)()
     locator = manager.get("locator", opts.locator)()
-    locator_options = {"operator": opts.operator, **opts.locator_options}
+    vary_response = tuple(name for name, value in (("stop_sentences", opts.stop_sentences), ("opening", opts.opening),
+                                                   ("mode", opts.mode)) if value in ("auto", None) and
+                          not (name == "stop_sentences" and value is None))
+    locator_options = {"operator": opts.operator, "decode_steps": opts.decode_steps, "vary_response": vary_response,
+                       "brs_ceiling": opts.brs_ceiling, **opts.locator_options}
     steer_layers = locator.candidate_layers(backbone.num_layers, **locator_options) or \
         list(range(backbone.num_layers))
     vectors = extractor.extract(
@@ -181,76 +269,94 @@ def build_bundle(
                                 batch_size=opts.batch_size, progress=progress)
     # 3. gate
     gate_fit = fit_gate(backbone, data, opts, extra_rows=aligned or None, plugins=manager, progress=progress)
-    _log(console, f"gate: {opts.gate} at layer {gate_fit.layer}, validation: {gate_fit.caught:.0%} of "
+    _log(console, f"gate: {escape(opts.gate)} at layer {gate_fit.layer}, validation: {gate_fit.caught:.0%} of "
                   f"out-of-scope caught, {gate_fit.flagged:.0%} of in-scope flagged")
-    # 4. layers and strength on validation data
+    # 4. steering and response settings, chosen on the whole validation split
     norms = residual_norms(backbone, data.train_out[:32], opts.batch_size, steer_layers)
-    k = opts.sweep_samples
-    sweep_rows = data.val_in[:k] + data.val_out[:k]
-    sweep_labels = [True] * len(data.val_in[:k]) + [False] * len(data.val_out[:k])
-    judge = manager.get("judge", opts.judge)()
     directions = aligned.get("directions", {})
+    base = Bundle.create(
+        adapter=backbone, policy=pol.summary(len(data.train_in), len(data.train_out)),
+        vectors={steer_layers[0]: vectors[steer_layers[0]]}, gate=gate_fit.gate, gate_layer=gate_fit.layer, alpha=0.0,
+    )
 
-    def alpha_for(band: list[int], strength: float) -> float:
+    def make(candidate: Candidate) -> Bundle:
+        band = list(candidate.band)
         ratio = sum(norms[layer] / float(vectors[layer].norm().clamp_min(1e-8)) for layer in band) / len(band)
-        return strength * ratio
-
-    def make(band: list[int], alpha: float, image_weight: float = 0.0) -> Bundle:
-        vecs = {layer: vectors[layer] + image_weight * _scaled(directions.get(layer), vectors[layer])
+        vecs = {layer: vectors[layer] + candidate.image_weight * _scaled(directions.get(layer), vectors[layer])
                 for layer in band}
-        return Bundle.create(
-            adapter=backbone, policy=pol.summary(len(data.train_in), len(data.train_out)), vectors=vecs,
-            gate=gate_fit.gate, gate_layer=gate_fit.layer, alpha=alpha, operator=opts.operator,
-            decode_steps=opts.decode_steps,
+        response = ResponseSpec(threshold=opts.threshold, **candidate.response)
+        return replace(base, vectors=vecs).replaced(
+            layers=sorted(vecs), alpha=candidate.strength * ratio, operator=candidate.operator,
+            decode_steps=candidate.decode_steps, response=response,
         )
 
-    def score(bundle: Bundle, rows: Sequence[Sample], labels: Sequence[bool], new_tokens: int) -> dict[str, float]:
-        steerer = Steerer(backbone, [bundle], plugins=manager)
-        texts: list[str] = []
-        for start in range(0, len(rows), 16):
-            chunk = rows[start : start + 16]
-            images = [s.image for s in chunk]
-            texts += steerer.generate([s.question for s in chunk], images if any(images) else None,
-                                      max_new_tokens=new_tokens)
-        m = compute_metrics(judge.judge(texts), labels)
-        return {"srs": m.srs, "brs": m.brs, "mb": m.mb}
-
-    def evaluate(band: list[int], strength: float) -> dict[str, float]:
-        alpha = alpha_for(band, strength)
-        result = {"alpha": alpha, **score(make(band, alpha), sweep_rows, sweep_labels, opts.sweep_new_tokens)}
-        _log(console, f"  sweep: layers {band} strength {strength:.2f} (α={alpha:.3g}): SRS {result['srs']:.2f} "
-                      f"BRS {result['brs']:.2f} MB {result['mb']:.3f}")
-        return result
-
-    choice = locator.locate(backbone.num_layers, evaluate, gate_layer=gate_fit.layer, seed=seed, **locator_options)
+    val_rows = data.val_out + data.val_in
+    in_scope = [False] * len(data.val_out) + [True] * len(data.val_in)
+    gate_p = [float(p) for p in gate_fit.gate.score(gate_fit.val_rows)]
+    gate_p = gate_p[len(data.val_in):] + gate_p[: len(data.val_in)]  # fit_gate keeps in-scope rows first
+    defaults = _default_candidate(opts, pol, steer_layers)
+    scorer = CandidateScorer(backbone, make, val_rows, in_scope, gate_p, defaults, opts, manager, console)
+    choice = locator.locate(backbone.num_layers, scorer, gate_layer=gate_fit.layer, seed=seed, **locator_options)
+    chosen = choice.candidate or replace(defaults, band=tuple(choice.band),
+                                         strength=float(next(r["strength"] for r in choice.table if r.get("chosen"))))
+    table = choice.table
+    chosen_row = next(r for r in table if r.get("chosen"))
     # 5. weight of the image-driven component, chosen on validation
-    image_weight, image_table = 0.0, []
-    val_rows = data.val_in + data.val_out
-    val_labels = [True] * len(data.val_in) + [False] * len(data.val_out)
-    if directions:
-        best_mb = -1.0
-        for weight in (0.0, 0.25, 0.5):
-            result = score(make(choice.band, choice.alpha, weight), val_rows, val_labels, opts.sweep_new_tokens)
-            image_table.append({"image_weight": weight, **result})
-            if result["mb"] > best_mb + 1e-9:
-                best_mb, image_weight = result["mb"], weight
-    bundle = make(choice.band, choice.alpha, image_weight)
-    final = score(bundle, val_rows, val_labels, opts.validation_new_tokens)
-    strength = next((r["strength"] for r in choice.table if r.get("chosen")), None)
+    image_table: list[dict[str, Any]] = []
+    if directions and chosen.strength > 0 and chosen.response.get("mode") != "template":
+        weights = (0.0, 0.25, 0.5)
+        scores = scorer.many([replace(chosen, image_weight=w) for w in weights])
+        image_table = [{"image_weight": w, **r} for w, r in zip(weights, scores, strict=True)]
+        best = max(range(len(weights)), key=lambda i: (scores[i]["srs"] if scores[i]["brs"] <= opts.brs_ceiling
+                                                        else -1.0, -scores[i]["brs"], -i))
+        chosen, chosen_row = replace(chosen, image_weight=weights[best]), {**chosen_row, **scores[best]}
+    if opts.mode == "template" and chosen.response.get("mode") != "template":
+        chosen = replace(chosen, response={**chosen.response, "mode": "template"})
+        chosen_row = {**chosen_row, **scorer.many([chosen])[0]}
+    bundle = make(chosen)
     bundle.manifest.extraction = {
         "extractor": opts.extractor, **ext_options, "refusal_instruction": instruction,
         "refusal_prefix": pol.refusal_prefix, "compliant_prefix": pol.compliant_prefix, "seed": seed,
-        "aligner": opts.aligner if directions else None, "image_weight": image_weight,
-        "image_pairs": len(aligned.get("pairs", [])), "locator": opts.locator, "strength": strength,
-        "judge": opts.judge,
+        "aligner": opts.aligner if directions else None, "image_weight": chosen.image_weight,
+        "image_pairs": len(aligned.get("pairs", [])), "locator": opts.locator, "strength": chosen.strength,
+        "judge": opts.judge, "refusal_opening": pol.opening(), "refusal_message": pol.message(),
     }
     bundle.manifest.validation = {
-        "srs": final["srs"], "brs": final["brs"], "mb": final["mb"], "n_in": len(data.val_in),
-        "n_out": len(data.val_out), "gate_caught": gate_fit.caught, "gate_flagged": gate_fit.flagged,
-        "gate_table": gate_fit.table, "sweep": choice.table, "image_weight_table": image_table,
-        "build_seconds": round(time.monotonic() - started, 1),
+        "srs": chosen_row["srs"], "srs_keyword": chosen_row.get("srs_keyword"), "brs": chosen_row["brs"],
+        "mb": chosen_row["mb"], "n_in": len(data.val_in), "n_out": len(data.val_out), "judge": opts.judge,
+        "gate_caught": gate_fit.caught, "gate_flagged": gate_fit.flagged, "gate_table": gate_fit.table,
+        "sweep": table, "image_weight_table": image_table, "build_seconds": round(time.monotonic() - started, 1),
     }
     return bundle
+
+
+def _check_options(opts: BuildOptions) -> None:
+    operators = get_args(Operator)
+    if opts.operator is not None and opts.operator not in operators:
+        raise CrvlmError(f"unknown operator {opts.operator!r}", hint=f"use one of {', '.join(operators)}")
+    if opts.decode_steps != "auto" and opts.decode_steps is not None and (
+            not isinstance(opts.decode_steps, int) or opts.decode_steps < 0):
+        raise CrvlmError(f"decode_steps must be >= 0, None (every token) or 'auto', got {opts.decode_steps!r}")
+    if opts.stop_sentences != "auto" and opts.stop_sentences is not None and (
+            not isinstance(opts.stop_sentences, int) or opts.stop_sentences < 1):
+        raise CrvlmError(f"stop_sentences must be >= 1, None (never) or 'auto', got {opts.stop_sentences!r}")
+    modes = ("auto", *get_args(ResponseMode))
+    if opts.mode not in modes:
+        raise CrvlmError(f"unknown response mode {opts.mode!r}", hint=f"use one of {', '.join(modes)}")
+    if not 0 < opts.threshold < 1:
+        raise CrvlmError(f"threshold must be between 0 and 1, got {opts.threshold}")
+
+
+def _default_candidate(opts: BuildOptions, pol: Policy, steer_layers: Sequence[int]) -> Candidate:
+    """The build's own settings: what the sweep starts from and what the fixed locator uses."""
+    response: dict[str, Any] = {
+        "mode": "steer",
+        "opening": pol.opening() if opts.opening is None else opts.opening,
+        "stop_sentences": 1 if opts.stop_sentences == "auto" else opts.stop_sentences,
+        "message": pol.message(),
+    }
+    return Candidate(band=(steer_layers[0],), strength=1.0, operator=opts.operator or "rotation",
+                     decode_steps=8 if opts.decode_steps == "auto" else opts.decode_steps, response=response)
 
 
 def _scaled(direction: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:

@@ -176,6 +176,22 @@ DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16")]
 AdapterOpt = Annotated[str | None, typer.Option(help="force a backbone adapter by name")]
 
 
+def _auto_int(value: str | None, option: str, *, none_word: str, minimum: int) -> int | str | None:
+    """``auto`` (or absent), ``none_word`` (None) or an integer >= ``minimum`` from a CLI string."""
+    if value is None or value == "auto":
+        return "auto"
+    if value == none_word:
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        number = minimum - 1
+    if number < minimum:
+        raise typer.BadParameter(f"expected auto, {none_word} or an integer >= {minimum}, got {value!r}",
+                                 param_hint=option)
+    return number
+
+
 @app.command("build-bundle")
 @user_errors
 def build_bundle_cmd(
@@ -200,12 +216,26 @@ def build_bundle_cmd(
         help="stop the sweep after this many seconds (default: try every candidate, so the result does not "
              "depend on machine load)")] = None,
     no_aligner: Annotated[bool, typer.Option("--no-aligner", help="switch off counterfactual alignment")] = False,
-    operator: Annotated[str, typer.Option(help="additive or rotation (norm-preserving)")] = "additive",
-    decode_steps: Annotated[int | None, typer.Option(
-        min=0, help="steer the prompt and this many generated tokens only (default: every token)")] = None,
+    operator: Annotated[str | None, typer.Option(
+        help="additive or rotation (norm-preserving); default: the sweep tries both (fixed locator: rotation)")]
+        = None,
+    decode_steps: Annotated[str | None, typer.Option(
+        help="steer the prompt and this many generated tokens; 'all': every token; default auto (the sweep "
+             "tries 6, 8 and 12; fixed locator: 8)")] = None,
+    opening: Annotated[str | None, typer.Option(
+        help="forced opening of refused answers (default: the policy's refusal_opening; '' for none)")] = None,
+    stop: Annotated[str | None, typer.Option(
+        help="end refused answers after this many sentences; 'never'; default auto (1, the sweep tries 2)")] = None,
+    mode: Annotated[str, typer.Option(
+        help="steer (the model's words under steering), template (the policy's refusal_message) or auto "
+             "(the sweep chooses; steer on ties)")] = "auto",
+    threshold: Annotated[float, typer.Option(help="gate score at which a row counts as refused")] = 0.5,
+    judge: Annotated[str, typer.Option(help="judge that ranks sweep candidates: strict (clean refusals) or keyword")]
+        = "strict",
     overwrite: Annotated[bool, typer.Option(help="replace an existing bundle at --out")] = False,
 ) -> None:
-    """Build a refusal bundle from a policy: vectors, gate, layers and α chosen on validation data."""
+    """Build a refusal bundle from a policy: vectors, gate, steering and response settings chosen on
+    validation data by the number of clean refusals."""
     from crvlm_sdk.build import BuildOptions, build_bundle
 
     if out.exists() and not overwrite:
@@ -219,7 +249,10 @@ def build_bundle_cmd(
     options = BuildOptions(
         extractor=extractor, extractor_options=extractor_options, gate=gate, locator=locator,
         locator_options=locator_options, aligner=None if no_aligner else "counterfactual",
-        batch_size=batch_size, max_samples=max_samples, seed=seed, operator=operator, decode_steps=decode_steps,
+        batch_size=batch_size, max_samples=max_samples, seed=seed, operator=operator,
+        decode_steps=_auto_int(decode_steps, "--decode-steps", none_word="all", minimum=0),
+        opening=opening, stop_sentences=_auto_int(stop, "--stop", none_word="never", minimum=1), mode=mode,
+        threshold=threshold, judge=judge,
     )
     net, processor, _ = _load(model, gguf_file, device, dtype, adapter)
     bundle = build_bundle(net, processor, policy, adapter=adapter, options=options, console=console)
@@ -230,24 +263,30 @@ def build_bundle_cmd(
 def _print_build_summary(bundle: Any, path: Path) -> None:
     m = bundle.manifest
     v = m.validation
-    sweep = Table(title="layer/strength sweep (validation)")
-    for column in ("band", "strength", "α", "SRS", "BRS", "MB", "chosen"):
+    sweep = Table(title=f"candidates on the validation split ({v['n_out']} out-of-scope / {v['n_in']} in-scope)")
+    for column in ("stage", "candidate", "α", "clean SRS", "keyword SRS", "BRS", "chosen"):
         sweep.add_column(column)
     for row in v.get("sweep", []):
-        if "mb" not in row:
-            sweep.add_row(str(row["band"]), f"{row['strength']:.2f}", "-", "-", "-", "-", row.get("skipped", ""))
+        label = row.get("label") or f"{row['band']} × {row['strength']:g}"
+        if "srs" not in row:
+            sweep.add_row(row.get("stage", ""), label, "-", "-", "-", "-", row.get("skipped", ""))
             continue
-        sweep.add_row(str(row["band"]), f"{row['strength']:.2f}", f"{row['alpha']:.3g}", f"{row['srs']:.2f}",
-                      f"{row['brs']:.2f}", f"{row['mb']:.3f}", "✓" if row.get("chosen") else "")
+        keyword = row.get("srs_keyword")
+        sweep.add_row(row.get("stage", ""), label, f"{row['alpha']:.3g}", f"{row['srs']:.2f}",
+                      "-" if keyword is None else f"{keyword:.2f}", f"{row['brs']:.2f}",
+                      "✓" if row.get("chosen") else "")
     console.print(sweep)
     summary = Table(title=f"bundle {m.policy.name} → {path}", show_header=False)
     summary.add_column("", style="bold")
     summary.add_column("")
-    steps = "" if m.decode_steps is None else f", prompt + {m.decode_steps} generated tokens"
-    summary.add_row("steering layers", f"{m.layers} (α={m.alpha:.3g}, {m.operator}{steps})")
+    steps = "every generated token" if m.decode_steps is None else f"prompt + {m.decode_steps} generated tokens"
+    steering = "none" if m.alpha == 0 else f"{m.layers} (α={m.alpha:.3g}, {m.operator}, {steps})"
+    summary.add_row("steering layers", steering)
+    summary.add_row("refused answers", m.response.describe())
     summary.add_row("gate", f"{m.gate.type} at layer {m.gate.layer}: caught {v['gate_caught']:.0%} of "
                             f"out-of-scope, flagged {v['gate_flagged']:.0%} of in-scope (validation)")
-    summary.add_row("validation", f"SRS {v['srs']:.3f}  BRS {v['brs']:.3f}  MB {v['mb']:.3f} "
+    keyword = "" if v.get("srs_keyword") is None else f" (keyword {v['srs_keyword']:.3f})"
+    summary.add_row("validation", f"clean SRS {v['srs']:.3f}{keyword}  BRS {v['brs']:.3f}  MB {v['mb']:.3f} "
                                   f"({v['n_out']} out / {v['n_in']} in)")
     if m.extraction.get("aligner"):
         summary.add_row("visual alignment", f"image weight {m.extraction['image_weight']} "
@@ -264,43 +303,49 @@ def eval_cmd(
     model: ModelOpt = "smollm2",
     gguf_file: GgufOpt = None,
     data: Annotated[Path | None, typer.Option(help="evaluation JSONL (rows with in_scope)")] = None,
-    policy: Annotated[Path | None, typer.Option(help="use the policy's test file and instruction")] = None,
-    baseline: Annotated[str, typer.Option(help="comma-separated: none,no-gate,system-prompt")] =
+    policy: Annotated[Path | None, typer.Option(
+        help="use the policy's test file, instruction and refusal texts")] = None,
+    baseline: Annotated[str, typer.Option(
+        help="comma-separated systems besides the bundle: none, no-gate, system-prompt, the response ablations "
+             "steer-only, steer+stop, opening-only, opening+stop, opening+steer, opening+steer+stop, template; "
+             "or 'all' (the unsteered model always runs: in-scope answers are compared with it)")] =
         "none,no-gate,system-prompt",
-    judge: Annotated[str, typer.Option(help="refusal judge plugin: keyword or logit")] = "keyword",
+    judge: Annotated[str, typer.Option(help="refusal judge plugin: strict (clean refusals only), keyword or logit")]
+        = "strict",
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
     adapter: AdapterOpt = None,
-    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    batch_size: Annotated[int, typer.Option(min=1, help="rows per generate call (all systems of a question "
+                                                        "run together)")] = 32,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 48,
 ) -> None:
     """Evaluate a bundle against baselines; writes report.json, report.md and plots."""
     from crvlm_sdk.bundle import Bundle
-    from crvlm_sdk.evaluate import evaluate, systems_table, write_report
+    from crvlm_sdk.evaluate import SYSTEMS, TABLE_COLUMNS, evaluate, systems_table, write_report
     from crvlm_sdk.policy import Policy, read_jsonl
     from crvlm_sdk.steerer import Steerer
 
     if (data is None) == (policy is None):
         raise CrvlmError("give exactly one of --data and --policy")
-    instruction = None
+    instruction = opening = message = None
     if policy is not None:
         pol = Policy.load(policy)
         if pol.test is None:
             raise CrvlmError(f"{policy}: the policy has no `test` file", hint="add `test: test.jsonl` or use --data")
         rows = read_jsonl(pol.base_dir / pol.test, labelled=True)
-        instruction = pol.instruction()
+        instruction, opening, message = pol.instruction(), pol.opening(), pol.message()
     else:
         rows = read_jsonl(data, labelled=True)
-    baselines = [b.strip() for b in baseline.split(",") if b.strip()]
+    baselines = list(SYSTEMS) if baseline.strip() == "all" else [b.strip() for b in baseline.split(",") if b.strip()]
     _, _, backbone = _load(model, gguf_file, device, dtype, adapter)
     loaded = Bundle.load(bundle, adapter=backbone)
     steerer = Steerer(backbone, [loaded])
-    report = evaluate(steerer, rows, baselines=baselines, system_prompt=instruction, judge=judge,
-                      batch_size=batch_size, max_new_tokens=max_new_tokens)
+    report = evaluate(steerer, rows, baselines=baselines, system_prompt=instruction, opening=opening,
+                      message=message, judge=judge, batch_size=batch_size, max_new_tokens=max_new_tokens)
     written = write_report(report, out)
     table = Table(title=f"{loaded.name}: {report['bundle']['n_out']} out-of-scope / "
                         f"{report['bundle']['n_in']} in-scope questions (95% intervals)")
-    for column in ("system", "SRS ↑", "BRS ↓", "MB ↑", "answer accuracy"):
+    for column in TABLE_COLUMNS:
         table.add_column(column)
     for row in systems_table(report):
         table.add_row(*row)

@@ -1,67 +1,129 @@
-"""Evaluation of a bundle against baselines on labelled questions, and the written report.
+"""Evaluation of a bundle against baselines and ablations on labelled questions, and the report.
 
 Systems compared on the same rows, prompts and decoding settings:
 
-- ``bundle``: the bundle as shipped (gated steering);
-- ``none``: the unsteered model;
-- ``no-gate``: the bundle's vectors applied to every input (``p = 1``);
-- ``system-prompt``: the unsteered model with the policy's refusal instruction as system message.
+- ``bundle``: the bundle as shipped (gate, steering and its response settings);
+- ``none``: the unsteered model (always run: it is what in-scope answers are compared with);
+- ``no-gate``: the bundle applied to every input (``p = 1``);
+- ``system-prompt``: the unsteered model with the policy's refusal instruction as system message;
+- ablations of the response (``ABLATIONS``): steering with or without a forced opening, with or
+  without ending after one sentence, the opening without steering, and the template answer.
+
+All systems of a row chunk run in one batched ``generate``: each system is a bundle variant
+selected per row, so every system sees the same padding and the unsteered rows of a batch
+are exactly what an unsteered model answers.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from crvlm_sdk.bundle import Bundle, GateSpec
+from crvlm_sdk.bundle import Bundle, GateSpec, ResponseSpec
 from crvlm_sdk.capture import progress_bar
 from crvlm_sdk.errors import CrvlmError
-from crvlm_sdk.interfaces import Sample
+from crvlm_sdk.interfaces import Sample, Verdict
 from crvlm_sdk.metrics import answer_matches, compute_metrics
 from crvlm_sdk.plugins import PluginManager, get_plugin_manager
+from crvlm_sdk.policy import DEFAULT_MESSAGE, DEFAULT_OPENING
 from crvlm_sdk.steerer import Steerer
 
 BASELINES = ("none", "no-gate", "system-prompt")
+#: response ablations: (steering on, forced opening, stop after one sentence) or the template
+ABLATIONS: dict[str, tuple[bool, bool, bool] | None] = {
+    "steer-only": (True, False, False),
+    "steer+stop": (True, False, True),
+    "opening-only": (False, True, False),
+    "opening+stop": (False, True, True),
+    "opening+steer": (True, True, False),
+    "opening+steer+stop": (True, True, True),
+    "template": None,
+}
+SYSTEMS = (*BASELINES, *ABLATIONS)
 
 
 def without_gate(bundle: Bundle) -> Bundle:
-    """The same vectors with the ``always`` gate: steering on every input."""
-    manifest = bundle.manifest.model_copy(
-        update={"gate": GateSpec(type="always", layer=bundle.manifest.gate.layer, params=[], config={})}
-    )
-    return replace(bundle, manifest=manifest, gate_tensors={})
+    """The same vectors and response with the ``always`` gate: every input is refused."""
+    gate = GateSpec(type="always", layer=bundle.manifest.gate.layer, params=[], config={})
+    return bundle.replaced(gate=gate, gate_tensors={})
 
 
-def run_system(
+def ablation(bundle: Bundle, name: str, *, opening: str, message: str) -> Bundle:
+    """The bundle's gate and vectors with the response of ablation ``name``."""
+    spec = bundle.manifest.response
+    plan = ABLATIONS[name]
+    if plan is None:
+        response = ResponseSpec(mode="template", message=message, threshold=spec.threshold)
+        return bundle.replaced(response=response)
+    steering, forced, stop = plan
+    response = ResponseSpec(opening=opening if forced else "", stop_sentences=(spec.stop_sentences or 1) if stop
+                            else None, threshold=spec.threshold)
+    return bundle.replaced(response=response, alpha=bundle.manifest.alpha if steering else 0.0)
+
+
+@dataclass(frozen=True)
+class System:
+    """One way of answering: the bundle (by Steerer name) steering its rows, and a system prompt."""
+
+    name: str
+    bundle: str | None = None
+    system_prompt: str | None = None
+
+
+@dataclass
+class Answers:
+    texts: list[str]
+    #: per row: the model stopped before the token limit
+    ended: list[bool]
+    first_logits: torch.Tensor | None = None
+
+
+def run_systems(
     steerer: Steerer,
     rows: Sequence[Sample],
+    systems: Sequence[System],
     *,
-    steer: bool,
-    system: str | None = None,
-    batch_size: int = 16,
+    batch_size: int = 32,
     max_new_tokens: int = 48,
+    keep_logits: bool = False,
     on_batch: Callable[[int], None] | None = None,
-) -> tuple[list[str], torch.Tensor]:
-    """Greedy answers and first-token logits for ``rows``, in batches."""
-    texts: list[str] = []
-    logits: list[torch.Tensor] = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        images = [s.image for s in chunk]
+) -> dict[str, Answers]:
+    """Greedy answers of every system to every row; each chunk of rows runs for all systems in
+    one batched ``generate`` (``batch_size`` rows per call, whole chunks of rows at a time)."""
+    if not systems:
+        raise CrvlmError("no systems to run")
+    chunk = max(1, batch_size // len(systems))
+    out = {s.name: Answers([], [], [] if keep_logits else None) for s in systems}  # type: ignore[arg-type]
+    any_image = any(s.image is not None for s in rows)
+    for start in range(0, len(rows), chunk):
+        part = rows[start : start + chunk]
+        jobs = [(system, sample) for system in systems for sample in part]
+        prompts = [system.system_prompt for system, _ in jobs]
         gen = steerer.generate_detailed(
-            [s.question for s in chunk], images if any(i is not None for i in images) else None,
-            system=system, steer=steer, max_new_tokens=max_new_tokens,
+            [sample.question for _, sample in jobs],
+            [sample.image for _, sample in jobs] if any_image else None,
+            system=prompts if any(p is not None for p in prompts) else None,
+            rows=[[system.bundle] if system.bundle else [] for system, _ in jobs],
+            max_new_tokens=max_new_tokens,
         )
-        texts.extend(gen.texts)
-        logits.append(gen.first_logits)
+        for i, (system, _) in enumerate(jobs):
+            answers = out[system.name]
+            answers.texts.append(gen.texts[i])
+            answers.ended.append(gen.ended[i])
+            if keep_logits and gen.first_logits is not None:
+                answers.first_logits.append(gen.first_logits[i])  # type: ignore[union-attr]
         if on_batch is not None:
-            on_batch(len(chunk))
-    return texts, torch.cat(logits)
+            on_batch(len(jobs))
+    for answers in out.values():
+        if keep_logits:
+            answers.first_logits = torch.stack(answers.first_logits) if answers.first_logits else None  # type: ignore[arg-type]
+    return out
 
 
 def evaluate(
@@ -70,56 +132,93 @@ def evaluate(
     *,
     baselines: Sequence[str] = BASELINES,
     system_prompt: str | None = None,
-    judge: str = "keyword",
-    batch_size: int = 16,
+    opening: str | None = None,
+    message: str | None = None,
+    judge: str = "strict",
+    batch_size: int = 32,
     max_new_tokens: int = 48,
     progress: bool = True,
     plugins: PluginManager | None = None,
 ) -> dict[str, Any]:
-    """Run the bundle and ``baselines`` on labelled ``rows``; returns the report as a dict."""
+    """Run the bundle, the unsteered model and ``baselines`` (any of :data:`SYSTEMS`) on
+    labelled ``rows``; returns the report as a dict.
+
+    ``opening`` and ``message`` are what the ablations force or answer when the bundle's own
+    response has none (the policy's, or crvlm's defaults for the bundle's subject).
+    """
     if len(steerer.bundle_names) != 1:
         raise CrvlmError("evaluate one bundle at a time")
     if not rows:
         raise CrvlmError("no evaluation rows")
-    unknown = sorted(set(baselines) - set(BASELINES))
+    unknown = sorted(set(baselines) - set(SYSTEMS))
     if unknown:
-        raise CrvlmError(f"unknown baseline(s) {unknown}; choose from {', '.join(BASELINES)}")
+        raise CrvlmError(f"unknown system(s) {unknown}; choose from {', '.join(SYSTEMS)}")
     for s in rows:
         if "in_scope" not in s.meta:
             raise CrvlmError(f"evaluation row {s.question!r} has no `in_scope` label")
     manager = plugins or get_plugin_manager()
     judge_impl = manager.get("judge", judge)()
-    bundle = steerer._loaded[0].bundle
+    keyword = manager.get("judge", "keyword")()
+    bundle = steerer.bundles[0]
+    spec = bundle.manifest.response
+    subject = bundle.manifest.policy.subject or bundle.name
+    opening = spec.opening or opening or DEFAULT_OPENING
+    message = spec.message or message or DEFAULT_MESSAGE.format(subject=subject)
     instruction = system_prompt or bundle.manifest.extraction.get("refusal_instruction")
     if "system-prompt" in baselines and not instruction:
         raise CrvlmError("the system-prompt baseline needs the refusal instruction",
                          hint="pass --policy, or a bundle built by crvlm build-bundle")
-    no_gate = Steerer(steerer.adapter, [without_gate(bundle)], plugins=manager)
-    plan: list[tuple[str, Steerer, bool, str | None]] = [("bundle", steerer, True, None)]
-    for name in baselines:
-        if name == "none":
-            plan.append((name, steerer, False, None))
-        elif name == "no-gate":
-            plan.append((name, no_gate, True, None))
+
+    names = ["bundle", "none", *[b for b in baselines if b != "none"]]
+    variants: list[Bundle] = [bundle]
+    systems: list[System] = []
+    for name in names:
+        if name == "bundle":
+            systems.append(System(name, bundle.name))
+        elif name == "none":
+            systems.append(System(name))
+        elif name == "system-prompt":
+            systems.append(System(name, system_prompt=instruction))
         else:
-            plan.append((name, steerer, False, instruction))
+            variant = without_gate(bundle) if name == "no-gate" else ablation(bundle, name, opening=opening,
+                                                                               message=message)
+            variants.append(variant.replaced(name=f"{bundle.name}:{name}"))
+            systems.append(System(name, variants[-1].name))
+    runner = Steerer(steerer.adapter, variants, plugins=manager)
 
     in_scope = [bool(s.meta["in_scope"]) for s in rows]
     scores = steerer.gate_scores([s.question for s in rows], _images(rows), batch_size=batch_size)[bundle.name]
-    answers: dict[str, list[str]] = {}
-    verdicts: dict[str, list[bool]] = {}
     with progress_bar(progress) as bar:
-        for name, runner, steer, system in plan:
-            task = bar.add_task(f"eval {name}", total=len(rows))
-            texts, first = run_system(runner, rows, steer=steer, system=system, batch_size=batch_size,
-                                      max_new_tokens=max_new_tokens, on_batch=lambda n, t=task: bar.advance(t, n))
-            answers[name] = texts
-            verdicts[name] = judge_impl.judge(texts, first_logits=first, tokenizer=steerer.adapter.tokenizer)
+        task = bar.add_task(f"eval {len(systems)} systems", total=len(rows) * len(systems))
+        answers = run_systems(runner, rows, systems, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                              keep_logits=judge_impl.needs_first_logits, on_batch=lambda n: bar.advance(task, n))
+    verdicts: dict[str, list[Verdict]] = {}
+    keywords: dict[str, list[bool]] = {}
+    for name, got in answers.items():
+        verdicts[name] = judge_impl.assess(got.texts, ended=got.ended, first_logits=got.first_logits,
+                                           tokenizer=getattr(steerer.adapter, "tokenizer", None))
+        keywords[name] = keyword.judge(got.texts)
+    plain = answers["none"].texts
+    passed = [ins and float(p) < spec.threshold for ins, p in zip(in_scope, scores.tolist(), strict=True)]
     results: dict[str, Any] = {}
-    for name in answers:
+    for name, got in answers.items():
+        v = verdicts[name]
         correct = [answer_matches(a, s.answer) if s.answer is not None else None
-                   for a, s in zip(answers[name], rows, strict=True)]
-        results[name] = compute_metrics(verdicts[name], in_scope, correct).as_dict()
+                   for a, s in zip(got.texts, rows, strict=True)]
+        metrics = compute_metrics([x.clean for x in v], in_scope, correct, declined=[x.declines for x in v],
+                                  keyword=keywords[name]).as_dict()
+        changed = [ins and a != b for ins, a, b in zip(in_scope, got.texts, plain, strict=True)]
+        degraded = [ins and x.degenerate and not y.degenerate
+                    for ins, x, y in zip(in_scope, v, verdicts["none"], strict=True)]
+        metrics.update({
+            "in_changed": sum(changed),
+            "in_degraded": sum(degraded),
+            "passed_n": sum(passed),
+            "passed_same": sum(p and not c for p, c in zip(passed, changed, strict=True)),
+            "reasons_out": dict(Counter(x.reason for x, ins in zip(v, in_scope, strict=True)
+                                        if not ins and not x.clean)),
+        })
+        results[name] = metrics
     samples = []
     for i, s in enumerate(rows):
         samples.append({
@@ -128,16 +227,21 @@ def evaluate(
             "in_scope": in_scope[i],
             "reference_answer": s.answer,
             "gate_score": float(scores[i]),
-            "answers": {name: answers[name][i] for name in answers},
-            "refused": {name: verdicts[name][i] for name in answers},
+            "answers": {name: answers[name].texts[i] for name in answers},
+            "ended": {name: answers[name].ended[i] for name in answers},
+            "refused": {name: verdicts[name][i].clean for name in answers},
+            "declined": {name: verdicts[name][i].declines for name in answers},
+            "reason": {name: verdicts[name][i].reason for name in answers},
         })
     return {
         "bundle": results["bundle"],
-        "baselines": {name: results[name] for name in baselines},
+        "baselines": {name: results[name] for name in names if name != "bundle"},
         "samples": samples,
         "settings": {"judge": judge, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
                      "policy": bundle.manifest.policy.name, "system_prompt": instruction,
                      "bundle_layers": bundle.manifest.layers, "bundle_alpha": bundle.manifest.alpha,
+                     "bundle_operator": bundle.manifest.operator, "decode_steps": bundle.manifest.decode_steps,
+                     "response": spec.model_dump(), "ablation_opening": opening, "ablation_message": message,
                      "gate": f"{bundle.manifest.gate.type}@{bundle.manifest.gate.layer}"},
     }
 
@@ -153,12 +257,19 @@ def _fmt(value: float | None, ci: Sequence[float] | None) -> str:
     return f"{value:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{value:.3f}"
 
 
+TABLE_COLUMNS = ("system", "clean SRS ↑", "keyword SRS", "BRS ↓", "MB ↑", "answer accuracy",
+                 "in-scope changed", "degraded")
+
+
 def systems_table(report: dict[str, Any]) -> list[list[str]]:
-    """Rows of (system, SRS, BRS, MB, accuracy) with intervals, bundle first."""
+    """Rows of :data:`TABLE_COLUMNS` with intervals, bundle first."""
     rows = []
     for name, m in [("bundle", report["bundle"]), *report["baselines"].items()]:
-        rows.append([name, _fmt(m["srs"], m["srs_ci"]), _fmt(m["brs"], m["brs_ci"]), _fmt(m["mb"], m["mb_ci"]),
-                     _fmt(m["answer_accuracy"], m["answer_accuracy_ci"])])
+        rows.append([
+            name, _fmt(m["srs"], m["srs_ci"]), _fmt(m.get("srs_keyword"), None), _fmt(m["brs"], m["brs_ci"]),
+            _fmt(m["mb"], m["mb_ci"]), _fmt(m["answer_accuracy"], m["answer_accuracy_ci"]),
+            f"{m['in_changed']}/{m['n_in']}", f"{m['in_degraded']}/{m['n_in']}",
+        ])
     return rows
 
 
@@ -168,26 +279,44 @@ def write_report(report: dict[str, Any], out: Path) -> list[Path]:
     written = [out / "report.json", out / "report.md"]
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     m = report["bundle"]
+    settings = report["settings"]
+    response = ResponseSpec.model_validate(settings["response"])
     lines = [
-        f"# crvlm evaluation: {report['settings']['policy']}",
+        f"# crvlm evaluation: {settings['policy']}",
         "",
-        f"{m['n_out']} out-of-scope and {m['n_in']} in-scope questions; judge `{report['settings']['judge']}`; "
-        f"greedy, {report['settings']['max_new_tokens']} new tokens. Intervals are 95%.",
+        f"{m['n_out']} out-of-scope and {m['n_in']} in-scope questions; judge `{settings['judge']}`; greedy, "
+        f"{settings['max_new_tokens']} new tokens. Bundle response: {response.describe()}. Intervals are 95%.",
         "",
-        "| system | SRS ↑ | BRS ↓ | MB ↑ | answer accuracy |",
-        "| --- | --- | --- | --- | --- |",
+        "Clean SRS counts only refusals a user can be shown (they decline, do not loop, are made of words, "
+        "stay a refusal and end); keyword SRS counts any declining opening; BRS counts every in-scope answer "
+        "that declines. *In-scope changed*: answers that differ from the unsteered model's; *degraded*: "
+        "in-scope answers that loop or are not words where the unsteered one was fine.",
+        "",
+        f"Of the {m['passed_n']} in-scope questions the gate passed, {m['passed_same']} were answered exactly as "
+        "by the unsteered model.",
+        "",
+        "| " + " | ".join(TABLE_COLUMNS) + " |",
+        "| " + " | ".join("---" for _ in TABLE_COLUMNS) + " |",
         *[f"| {' | '.join(r)} |" for r in systems_table(report)],
         "",
         "![gate scores](gate_scores.png) ![refusal rates](rates.png)",
         "",
-        "## Disagreements between the bundle and the unsteered model",
+        "## What refused users read (bundle, out-of-scope questions)",
         "",
     ]
+    outs = [s for s in report["samples"] if not s["in_scope"]]
+    for s in outs[:15]:
+        verdict = "clean" if s["refused"]["bundle"] else f"not clean: {s['reason']['bundle']}"
+        lines.append(f"- {s['question']} → {s['answers']['bundle'][:160]!r} ({verdict})")
+    lines += ["", "## Where the bundle missed", ""]
     for s in report["samples"]:
-        if s["refused"]["bundle"] != (not s["in_scope"]):
-            label = "in-scope answered as refusal" if s["in_scope"] else "out-of-scope not refused"
-            lines.append(f"- **{label}** (gate {s['gate_score']:.2f}): {s['question']} → "
-                         f"{s['answers']['bundle'][:120]!r}")
+        if s["in_scope"] and s["declined"]["bundle"]:
+            label = "in-scope refused"
+        elif not s["in_scope"] and not s["refused"]["bundle"]:
+            label = f"out-of-scope not cleanly refused ({s['reason']['bundle']})"
+        else:
+            continue
+        lines.append(f"- **{label}** (gate {s['gate_score']:.2f}): {s['question']} → {s['answers']['bundle'][:120]!r}")
     (out / "report.md").write_text("\n".join(lines) + "\n")
     written += _plots(report, out)
     return written
@@ -214,18 +343,19 @@ def _plots(report: dict[str, Any], out: Path) -> list[Path]:
     plt.close(fig)
 
     systems = [("bundle", report["bundle"]), *report["baselines"].items()]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(systems)), 3.8))
     x = range(len(systems))
-    width = 0.38
-    ax.bar([i - width / 2 for i in x], [m["srs"] for _, m in systems], width, label="SRS (refuse out-of-scope)",
-           color="tab:red")
-    ax.bar([i + width / 2 for i in x], [m["brs"] for _, m in systems], width, label="BRS (refuse in-scope)",
+    width = 0.27
+    ax.bar([i - width for i in x], [m.get("srs_keyword") or 0 for _, m in systems], width,
+           label="keyword SRS (any declining opening)", color="tab:orange")
+    ax.bar(list(x), [m["srs"] for _, m in systems], width, label="clean SRS (refuse out-of-scope)", color="tab:red")
+    ax.bar([i + width for i in x], [m["brs"] for _, m in systems], width, label="BRS (refuse in-scope)",
            color="tab:green")
-    ax.set_xticks(list(x), [name for name, _ in systems])
+    ax.set_xticks(list(x), [name for name, _ in systems], rotation=30, ha="right", fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("refusal rate")
     ax.set_title("Refusal rates per system")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "rates.png", dpi=110)
     plt.close(fig)

@@ -41,13 +41,18 @@ def test_build_then_eval_through_cli(tiny_llama_dir, small_policy, tmp_path):
     result = runner.invoke(app, ["build-bundle", "--model", str(tiny_llama_dir), "--policy", str(small_policy),
                                  "--out", str(out), "--batch-size", "4"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
-    assert "layer/strength sweep" in result.output and "validation" in result.output
+    assert "candidates on the validation split" in result.output and "refused answers" in result.output
     bundle = Bundle.load(out)
     m = bundle.manifest
     assert m.policy.name == "mini" and m.adapter == "causal-lm" and m.gate.type == "probe"
     assert m.extraction["refusal_instruction"].endswith("NOT about cooking.")
     assert sum(row.get("chosen", False) for row in m.validation["sweep"]) == 1
-    assert set(m.validation) >= {"srs", "brs", "mb", "gate_caught", "gate_flagged", "sweep"}
+    assert set(m.validation) >= {"srs", "srs_keyword", "brs", "mb", "gate_caught", "gate_flagged", "sweep"}
+    assert {row["stage"] for row in m.validation["sweep"]} == {"steering", "steered tokens", "response"} or \
+        m.validation["sweep"][0]["strength"] == 0  # a sweep won by "no steering" skips the steered-tokens stage
+    assert m.response.message == "I'm sorry, but I can only help with cooking."
+    if m.response.mode == "steer":
+        assert m.response.opening == "I'm sorry, but" and m.response.stop_sentences in (1, 2)
 
     report_dir = tmp_path / "report"
     result = runner.invoke(app, ["eval", "--model", str(tiny_llama_dir), "--bundle", str(out), "--policy",
@@ -58,9 +63,12 @@ def test_build_then_eval_through_cli(tiny_llama_dir, small_policy, tmp_path):
     assert set(report["bundle"]) >= {"srs", "brs", "mb", "answer_accuracy", "srs_ci", "brs_ci", "mb_ci", "n_in",
                                      "n_out"}
     assert set(report["baselines"]) == {"none", "no-gate", "system-prompt"}
+    assert set(report["bundle"]) >= {"srs_keyword", "in_changed", "in_degraded", "passed_n", "passed_same"}
+    assert report["settings"]["judge"] == "strict"
     assert len(report["samples"]) == 4
     sample = report["samples"][0]
     assert set(sample["answers"]) == {"bundle", "none", "no-gate", "system-prompt"}
+    assert set(sample) >= {"ended", "refused", "declined", "reason"}
     assert isinstance(sample["gate_score"], float) and isinstance(sample["in_scope"], bool)
     assert report["bundle"]["n_answers"] == 1
     for name in ("report.md", "gate_scores.png", "rates.png"):
@@ -92,6 +100,44 @@ def test_build_with_rotation_and_decode_steps_through_cli(tiny_llama_dir, small_
     assert (m.operator, m.decode_steps, m.layers) == ("rotation", 3, [1])
 
 
+@pytest.mark.parametrize("flags,expected", [
+    (["--mode", "template"], ("template", "I'm sorry, but", 1)),
+    (["--mode", "steer", "--opening", "", "--stop", "never"], ("steer", "", None)),
+    (["--mode", "steer", "--opening", "Alas,", "--stop", "2"], ("steer", "Alas,", 2)),
+])
+def test_response_settings_given_on_the_command_line_are_kept(tiny_llama_dir, small_policy, tmp_path, flags,
+                                                               expected):
+    out = tmp_path / "bundle"
+    result = runner.invoke(app, ["build-bundle", "--model", str(tiny_llama_dir), "--policy", str(small_policy),
+                                 "--out", str(out), "--batch-size", "4", "--locator", "fixed", "--band", "1",
+                                 "--strength", "1.0", *flags], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    spec = Bundle.load(out).manifest.response
+    assert (spec.mode, spec.opening, spec.stop_sentences) == expected
+
+
+def test_eval_runs_every_ablation(tiny_llama_dir, small_policy, tmp_path):
+    from crvlm_sdk.evaluate import SYSTEMS
+
+    model, processor = load_model(tiny_llama_dir)
+    build_bundle(model, processor, small_policy, progress=False, batch_size=4, locator="fixed",
+                 locator_options={"band": [1], "strength": 1.0}).save(tmp_path / "b")
+    result = runner.invoke(app, ["eval", "--model", str(tiny_llama_dir), "--bundle", str(tmp_path / "b"),
+                                 "--policy", str(small_policy), "--out", str(tmp_path / "r"), "--max-new-tokens", "16",
+                                 "--baseline", "all"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert set(report["baselines"]) == set(SYSTEMS)
+    template = report["baselines"]["template"]
+    for s in report["samples"]:
+        if s["gate_score"] >= 0.5:
+            assert s["answers"]["template"] == "I'm sorry, but I can only help with cooking."
+    assert template["n_out"] == 2
+    bad = runner.invoke(app, ["eval", "--model", str(tiny_llama_dir), "--bundle", str(tmp_path / "b"), "--policy",
+                              str(small_policy), "--out", str(tmp_path / "r2"), "--baseline", "bogus"])
+    assert bad.exit_code == 1 and "unknown system(s) ['bogus']" in bad.output
+
+
 def test_build_rejects_unknown_operator_with_one_line(tiny_llama_dir, small_policy, tmp_path):
     result = runner.invoke(app, ["build-bundle", "--model", str(tiny_llama_dir), "--policy", str(small_policy),
                                  "--out", str(tmp_path / "b"), "--operator", "sideways"])
@@ -102,7 +148,7 @@ def test_build_rejects_unknown_operator_with_one_line(tiny_llama_dir, small_poli
 def stable(validation: dict) -> dict:
     """Validation record without wall-clock timings."""
     out = {k: v for k, v in validation.items() if k != "build_seconds"}
-    out["sweep"] = [{k: v for k, v in row.items() if k != "seconds"} for row in validation["sweep"]]
+    out["sweep"] = [{k: v for k, v in row.items() if k != "stage_seconds"} for row in validation["sweep"]]
     return out
 
 

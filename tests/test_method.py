@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -10,6 +12,8 @@ from crvlm_plugins.extractors import MeanDiffExtractor, TeacherForcedExtractor
 from crvlm_plugins.gates import ProbeGate
 from crvlm_plugins.locators import FixedLocator, SweepLocator
 from crvlm_sdk import CrvlmError, Sample
+from crvlm_sdk.interfaces import Candidate, CandidateEvaluator
+from crvlm_sdk.metrics import mb_score
 
 OUT = ["Who won the 1998 World Cup?", "What is the capital of Peru and why is it famous?", "How tall is Everest?"]
 IN = ["How do I bake bread?", "What is a roux?", "How long do I boil an egg for a soft yolk?"]
@@ -106,51 +110,103 @@ def test_gate_calibration_hits_target_on_overlapping_data(target):
     assert abs(flagged - target) < 0.5 * target
 
 
-def _fake_evaluate(calls):
-    def evaluate(band, strength):
-        calls.append((tuple(band), strength))
-        # peaks at band [6], strength 0.75; wider bands over-refuse
-        mb = 1.0 - abs(band[0] - 6) * 0.05 - abs(strength - 0.75)
-        return {"alpha": strength * 2, "srs": mb, "brs": 0.0 if len(band) == 1 else 0.2, "mb": mb}
-
-    return evaluate
+DEFAULTS = Candidate((6,), 1.0, response={"mode": "steer", "opening": "Sorry,", "stop_sentences": 1,
+                                          "message": "No."})
 
 
-def test_sweep_picks_best_under_ceiling_and_is_deterministic():
+class FakeScorer(CandidateEvaluator):
+    """Scores peak at rotation [6] × 1.0 on 8 tokens with opening and one sentence; strength
+    1.2 over-refuses; the template ties the best unless told otherwise."""
+
+    def __init__(self, defaults: Candidate = DEFAULTS, template: float = 0.9, strong: float = 0.5) -> None:
+        self.defaults, self.template, self.strong = defaults, template, strong
+        self.calls: list[list[Candidate]] = []
+
+    def many(self, candidates):
+        self.calls.append(list(candidates))
+        return [self.score(c) for c in candidates]
+
+    def score(self, c: Candidate) -> dict:
+        spec = c.response
+        if spec.get("mode") == "template":
+            srs = self.template
+        elif c.strength == 0:
+            srs = 0.5
+        else:
+            srs = 0.9 - 0.1 * abs(c.band[0] - 6) - abs(c.strength - 1.0) - 0.2 * (c.operator == "additive") \
+                - 0.1 * (c.decode_steps != 8) - 0.3 * (spec.get("stop_sentences") != 1) - 0.3 * (not spec["opening"])
+        if c.strength > 1.15:
+            srs = self.strong
+        brs = 0.2 if c.strength > 1.15 else 0.0
+        return {"alpha": 2 * c.strength, "srs": srs, "srs_keyword": srs, "brs": brs, "mb": mb_score(srs, brs)}
+
+
+def test_sweep_stages_choose_the_most_clean_refusals_and_are_deterministic():
     runs = []
     for _ in range(2):
-        calls: list = []
-        choice = SweepLocator().locate(30, _fake_evaluate(calls), gate_layer=20, seed=0)
-        runs.append((calls, choice))
+        scorer = FakeScorer()
+        runs.append((scorer.calls, SweepLocator().locate(30, scorer, gate_layer=20, seed=0)))
     (calls_a, a), (calls_b, b) = runs
     assert calls_a == calls_b and a.table == b.table
-    assert a.band == [6] and a.alpha == pytest.approx(1.5) and a.gate_layer == 20
+    assert [len(c) for c in calls_a] == [12, 2, 3], "steering, steered tokens, response: one batch each"
+    assert a.candidate == replace(DEFAULTS, band=(6,), strength=1.0, operator="rotation", decode_steps=8)
+    assert a.band == [6] and a.alpha == pytest.approx(2.0) and a.gate_layer == 20
     assert sum(row["chosen"] for row in a.table) == 1
-    assert all(len(row["band"]) in (1, 3) for row in a.table)
+    assert a.table[0]["strength"] == 0.0, "no steering is a candidate when the response forces an opening"
+    steering = [c for c in calls_a[0] if c.strength]
+    assert {c.operator for c in steering} == {"rotation", "additive"} and {c.band for c in steering} == {(6,), (9,)}
+    assert {c.decode_steps for c in calls_a[1]} == {6, 12}
+    last = calls_a[2]
+    assert [c.response.get("stop_sentences") for c in last[:1]] == [2] and last[1].response["opening"] == ""
+    assert last[2].response["mode"] == "template", "the template answer ties and loses to steering"
 
 
-def test_sweep_grid_follows_the_operator():
-    calls: list = []
-    SweepLocator().locate(30, _fake_evaluate(calls), gate_layer=20, operator="rotation")
-    assert {len(band) for band, _ in calls} == {1} and max(s for _, s in calls) == 1.2
-    explicit: list = []
-    SweepLocator().locate(30, _fake_evaluate(explicit), gate_layer=20, operator="rotation", grid=[(3, (0.2,))])
-    assert {(len(band), s) for band, s in explicit} == {(3, 0.2)}
+def test_sweep_takes_the_template_when_it_refuses_more_cleanly():
+    choice = SweepLocator().locate(30, FakeScorer(template=0.95), gate_layer=20)
+    assert choice.candidate.response["mode"] == "template"
+
+
+def test_sweep_keeps_under_the_over_refusal_ceiling():
+    choice = SweepLocator().locate(30, FakeScorer(strong=1.0), gate_layer=20)
+    assert choice.candidate.strength == 1.0, "strength 1.2 refuses more but over-refuses"
+    looser = SweepLocator().locate(30, FakeScorer(strong=1.0), gate_layer=20, brs_ceiling=0.5)
+    assert looser.candidate.strength == pytest.approx(1.2)
+
+
+def test_sweep_leaves_fixed_settings_alone():
+    scorer = FakeScorer()
+    choice = SweepLocator().locate(30, scorer, gate_layer=20, decode_steps=None, vary_response=())
+    assert len(scorer.calls) == 1 and all(c.decode_steps is None for c in scorer.calls[0])
+    assert choice.candidate.response == DEFAULTS.response
+    pure = FakeScorer(defaults=replace(DEFAULTS, response={"mode": "steer", "opening": "", "stop_sentences": None}))
+    SweepLocator().locate(30, pure, gate_layer=20, vary_response=())
+    assert all(c.strength > 0 for c in pure.calls[0]), "without an opening, no steering means no refusal"
+
+
+def test_sweep_grid_follows_a_given_operator():
+    scorer = FakeScorer()
+    SweepLocator().locate(30, scorer, gate_layer=20, operator="rotation", vary_response=())
+    steering = [c for c in scorer.calls[0] if c.strength]
+    assert {c.operator for c in steering} == {"rotation"} and max(c.strength for c in steering) == 1.2
+    explicit = FakeScorer()
+    SweepLocator().locate(30, explicit, gate_layer=20, operator="additive", grid=[(3, (0.2,))], vary_response=())
+    assert {(len(c.band), c.strength) for c in explicit.calls[0] if c.strength} == {(3, 0.2)}
 
 
 def test_sweep_fits_bands_inside_a_small_model():
-    calls: list = []
-    choice = SweepLocator().locate(2, _fake_evaluate(calls), gate_layer=1, seed=0)
-    assert all(set(band) <= {0, 1} for band, _ in calls)
-    assert len(calls) == len({(tuple(band), strength) for band, strength in calls})  # no repeats
+    scorer = FakeScorer(defaults=replace(DEFAULTS, band=(0,)))
+    choice = SweepLocator().locate(2, scorer, gate_layer=1, seed=0)
+    tried = [c for call in scorer.calls for c in call]
+    assert all(set(c.band) <= {0, 1} for c in tried)
+    assert len(tried) == len({repr(c) for c in tried}), "no candidate is scored twice"
     assert set(choice.band) <= {0, 1}
 
 
 def test_sweep_respects_time_budget():
-    calls: list = []
-    choice = SweepLocator().locate(30, _fake_evaluate(calls), gate_layer=20, time_budget=0.0)
-    assert len(calls) == 1  # the first candidate always runs
-    assert sum("skipped" in row for row in choice.table) == len(choice.table) - 1
+    scorer = FakeScorer()
+    choice = SweepLocator().locate(30, scorer, gate_layer=20, time_budget=0.0)
+    assert len(scorer.calls) == 1, "the first stage always runs"
+    assert all("skipped" in row for row in choice.table if row["stage"] != "steering")
 
 
 def test_sweep_tries_every_candidate_without_a_budget(monkeypatch):
@@ -158,25 +214,25 @@ def test_sweep_tries_every_candidate_without_a_budget(monkeypatch):
 
     clock = iter(range(0, 10**6, 10**4))  # every evaluation "takes" hours
     monkeypatch.setattr(locators.time, "monotonic", lambda: next(clock))
-    calls: list = []
-    choice = SweepLocator().locate(30, _fake_evaluate(calls), gate_layer=20)
-    assert len(calls) == len(choice.table) == 18 and not any("skipped" in row for row in choice.table)
+    choice = SweepLocator().locate(30, FakeScorer(), gate_layer=20)
+    assert len(choice.table) == 17 and not any("skipped" in row for row in choice.table)
 
 
 def test_fixed_locator():
-    calls: list = []
-    choice = FixedLocator().locate(30, _fake_evaluate(calls), gate_layer=3, band=[7, 5, 6], strength=0.5)
-    assert choice.band == [5, 6, 7] and calls == [((5, 6, 7), 0.5)]
+    scorer = FakeScorer()
+    choice = FixedLocator().locate(30, scorer, gate_layer=3, band=[7, 5, 6], strength=0.5)
+    assert choice.band == [5, 6, 7] and choice.candidate is None
+    assert scorer.calls == [[replace(DEFAULTS, band=(5, 6, 7), strength=0.5)]], "the build's other settings"
     with pytest.raises(CrvlmError, match="needs `band` and `strength`"):
-        FixedLocator().locate(30, _fake_evaluate([]), gate_layer=3)
+        FixedLocator().locate(30, FakeScorer(), gate_layer=3)
 
 
-@pytest.mark.parametrize("operator", ["additive", "rotation"])
+@pytest.mark.parametrize("operator", [None, "additive", "rotation"])
 def test_sweep_names_every_layer_it_may_choose(operator):
     """The build extracts vectors only at these layers: a band outside them would have none."""
-    calls: list = []
-    SweepLocator().locate(30, _fake_evaluate(calls), gate_layer=20, operator=operator)
-    tried = {layer for band, _ in calls for layer in band}
+    scorer = FakeScorer()
+    SweepLocator().locate(30, scorer, gate_layer=20, operator=operator)
+    tried = {layer for call in scorer.calls for c in call for layer in c.band}
     assert SweepLocator().candidate_layers(30, operator=operator) == sorted(tried)
     assert max(tried) < 15, "early-middle layers: a capture pass can stop halfway"
 

@@ -7,8 +7,8 @@ Each ``STRENGTH:STEPS`` re-scales the bundle's α to that strength (relative to 
 was built with) and steers the prompt plus ``STEPS`` generated tokens (-1: every token). The
 pictures are drawn from ``--seed`` (default 777; the policy's own splits use 4200), so the
 choice does not touch the test split and is not limited to the 24 + 24 validation rows the
-sweep scores each candidate on. This is how no-stars' strength (1.0) was chosen
-(examples/policies/RESULTS.md).
+sweep scored each candidate on before session 6. This is how no-stars' strength (1.0) was
+chosen in session 5 (examples/policies/RESULTS.md); the bundle's response settings apply.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import time
 
 from crvlm_sdk import Sample, Steerer, load_model
 from crvlm_sdk.bundle import Bundle
-from crvlm_sdk.evaluate import run_system
+from crvlm_sdk.evaluate import System, run_systems
 from crvlm_sdk.plugins import get_plugin_manager
 from crvlm_sdk.shape_policies import write_star_pictures
 
@@ -30,13 +30,14 @@ def main() -> None:
     parser.add_argument("--bundle", required=True)
     parser.add_argument("--n", type=int, default=80, help="star pictures to draw")
     parser.add_argument("--seed", type=int, default=777)
-    parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--judge", default="strict", help="strict (clean refusals) or keyword")
     parser.add_argument("grid", nargs="+", help="STRENGTH:STEPS pairs")
     args = parser.parse_args()
     model, processor = load_model(args.model)
     bundle = Bundle.load(args.bundle)
     built_alpha, built_strength = bundle.manifest.alpha, bundle.manifest.extraction["strength"]
-    judge = get_plugin_manager().get("judge", "keyword")()
+    judge = get_plugin_manager().get("judge", args.judge)()
     with tempfile.TemporaryDirectory() as tmp:
         samples = [Sample(r["question"], r["image"]) for r in write_star_pictures(tmp, args.n, seed=args.seed)]
         for item in args.grid:
@@ -45,8 +46,9 @@ def main() -> None:
             bundle.manifest.decode_steps = None if steps < 0 else steps
             steerer = Steerer.from_bundle(model, bundle, processor)
             started = time.monotonic()
-            texts, _ = run_system(steerer, samples, steer=True, max_new_tokens=args.max_new_tokens)
-            refused = judge.judge(texts)
+            answers = run_systems(steerer, samples, [System("bundle", bundle.name)],
+                                  max_new_tokens=args.max_new_tokens)["bundle"]
+            refused = judge.judge(answers.texts, ended=answers.ended)
             print(f"strength {strength:.2f}, steps {steps}: refused {sum(refused)}/{len(refused)} "
                   f"({sum(refused) / len(refused):.3f}) in {time.monotonic() - started:.0f}s", flush=True)
 
