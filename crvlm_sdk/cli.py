@@ -121,6 +121,7 @@ def inspect(path: Annotated[Path, typer.Argument(help="bundle directory")]) -> N
         ("adapter", m.adapter),
         ("steering", f"layers {m.layers}, α={m.alpha:g}, operator {m.operator}, "
                      f"{'every token' if m.decode_steps is None else f'prompt + {m.decode_steps} generated tokens'}"),
+        ("refused answers", m.response.describe()),
         ("gate", f"{m.gate.type} at layer {m.gate.layer} "
                  f"({'unsteered pre-pass' if m.needs_prepass else 'read in the same pass'}); config {m.gate.config}"),
         ("extraction", ", ".join(f"{k}={v}" for k, v in m.extraction.items()) or "-"),

@@ -68,12 +68,13 @@ class Scene:
         return f"The image shows {noun}: {amount} {self.size} {self.colour} {noun}. Colour: {self.colour}."
 
 
-def random_scene(rng: random.Random, *, shape: str | None = None, count: int | None = None) -> Scene:
+def random_scene(rng: random.Random, *, shape: str | None = None, count: int | None = None,
+                 colour: str | None = None) -> Scene:
     shape = shape or rng.choice(SHAPES)
     count = count or rng.choice((1, 1, 2, 3))
     return Scene(
         shape=shape,
-        colour=rng.choice(list(COLOURS)),
+        colour=colour or rng.choice(list(COLOURS)),
         count=count,
         size=rng.choice(SIZES),
         background=rng.choice(list(BACKGROUNDS)),

@@ -179,7 +179,7 @@ def test_example_test_questions_are_not_near_copies_of_training(name):
         assert closest < 0.6, f"{name}: test question {sample.question!r} nearly repeats a training question"
 
 
-@pytest.mark.parametrize("name", ["shape-qa", "no-stars"])
+@pytest.mark.parametrize("name", ["shape-qa", "no-stars", "no-red"])
 def test_image_policies_meet_the_data_bar(name):
     policy = Policy.load(EXAMPLES / name / "policy.yaml")
     data = policy.load_data()
@@ -212,12 +212,13 @@ def test_answer_lists(tmp_path):
 
 def test_shape_policy_generator_reproduces_the_committed_files(tmp_path):
     """The committed image policies are what the generator writes (data the results rest on)."""
-    from crvlm_sdk.shape_policies import write_no_stars, write_shape_qa
+    from crvlm_sdk.shape_policies import write_no_red, write_no_stars, write_shape_qa
 
     general = json.loads((EXAMPLES / "shape-qa" / "general_questions.json").read_text())
     write_shape_qa(tmp_path / "shape-qa", general["train"], general["test"])
     write_no_stars(tmp_path / "no-stars")
-    for name in ("shape-qa", "no-stars"):
+    write_no_red(tmp_path / "no-red")
+    for name in ("shape-qa", "no-stars", "no-red"):
         written = sorted(p.relative_to(tmp_path / name) for p in (tmp_path / name).rglob("*") if p.is_file())
         assert len(written) > 500
         for rel in written:

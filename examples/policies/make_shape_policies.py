@@ -1,8 +1,9 @@
-"""Write the two image policies for the demo VLM into ``examples/policies/``.
+"""Write the image policies for the demo VLM into ``examples/policies/``.
 
     python examples/policies/make_shape_policies.py
 
-``shape-qa`` (the question decides) and ``no-stars`` (the picture decides); see
+``shape-qa`` (the question decides), ``no-stars`` (the picture's shape decides) and ``no-red``
+(the picture's colour decides; written after the session-6 defaults were frozen); see
 :mod:`crvlm_sdk.shape_policies`. The general-knowledge questions that ``shape-qa`` asks over
 pictures are the text policies' questions (training files for training, test files for test)
 frozen in ``shape-qa/general_questions.json``: the text policies' data has changed since, and
@@ -15,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from crvlm_sdk.shape_policies import write_no_stars, write_shape_qa
+from crvlm_sdk.shape_policies import write_no_red, write_no_stars, write_shape_qa
 
 HERE = Path(__file__).resolve().parent
 GENERAL = HERE / "shape-qa" / "general_questions.json"
@@ -25,4 +26,5 @@ if __name__ == "__main__":
     general = json.loads(GENERAL.read_text())
     write_shape_qa(HERE / "shape-qa", general["train"], general["test"])
     write_no_stars(HERE / "no-stars")
-    print("wrote examples/policies/shape-qa and examples/policies/no-stars")
+    write_no_red(HERE / "no-red")
+    print("wrote examples/policies/shape-qa, no-stars and no-red")
