@@ -139,7 +139,7 @@ def test_eval_rows_need_label(tmp_path):
         read_jsonl(path, labelled=True)
 
 
-@pytest.mark.parametrize("name", ["cooking", "travel", "programming"])
+@pytest.mark.parametrize("name", ["cooking", "travel", "programming", "gardening"])
 def test_example_policies_meet_the_data_bar(name):
     policy = Policy.load(EXAMPLES / name / "policy.yaml")
     data = policy.load_data()
@@ -162,7 +162,7 @@ def _content_words(question: str) -> set[str]:
     return set(re.findall(r"[a-z]+", question.lower())) - _FILLER
 
 
-@pytest.mark.parametrize("name", ["cooking", "travel", "programming"])
+@pytest.mark.parametrize("name", ["cooking", "travel", "programming", "gardening"])
 def test_example_test_questions_are_not_near_copies_of_training(name):
     """Exact overlap is not enough: written data drifts into rewordings of test questions.
 

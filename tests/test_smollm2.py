@@ -50,3 +50,32 @@ def test_hand_made_vector_changes_generations_and_closed_gate_does_not(smollm2):
     assert "Paris" in plain[0]
     assert all(a != b for a, b in zip(plain, steered, strict=True))
     assert gated_off == plain
+
+
+def test_response_shaping_turns_steered_openings_into_clean_refusals(smollm2):
+    """Issue 12's finding as a regression test: steering alone loops or drifts; the same
+    steering with a forced opening and a one-sentence stop gives refusals a user can read."""
+    from crvlm_plugins.judges import StrictJudge
+    from crvlm_sdk.build import build_bundle
+    from crvlm_sdk.demo import demo_policy
+    from crvlm_sdk.evaluate import without_gate
+    from crvlm_sdk.policy import Policy
+
+    model, tokenizer, adapter = smollm2
+    raw = demo_policy()
+    policy = Policy.model_validate({k: v for k, v in raw.items() if k != "showcase"})
+    bundle = build_bundle(model, tokenizer, policy, progress=False, locator="fixed", gate_layers=[20],
+                          locator_options={"band": [6], "strength": 1.1}, operator="rotation", decode_steps=8,
+                          mode="steer", stop_sentences=1, batch_size=16)
+    spec = bundle.manifest.response
+    assert (spec.opening, spec.stop_sentences) == ("I'm sorry, but", 1)
+    steerer = Steerer(adapter, [without_gate(bundle)])
+    questions = raw["out_of_scope"][:8]
+    judge = StrictJudge()
+    shaped = steerer.generate_detailed(questions, max_new_tokens=40)
+    alone = steerer.generate_detailed(questions, max_new_tokens=40, response=False)
+    clean_shaped = sum(judge.judge(shaped.texts, ended=shaped.ended))
+    clean_alone = sum(judge.judge(alone.texts, ended=alone.ended))
+    assert all(t.startswith("I'm sorry, but") for t in shaped.texts)
+    assert clean_shaped >= 6, shaped.texts
+    assert clean_alone <= 2, alone.texts

@@ -1,7 +1,8 @@
 """Regenerate the response ablation table of examples/policies/RESULTS.md (test splits).
 
-    python examples/policies/ablation.py                 # all five policies
+    python examples/policies/ablation.py                 # the five example policies
     python examples/policies/ablation.py --policies cooking,travel
+    python examples/policies/ablation.py --policies gardening,no-red --marker unseen
 
 For each policy it runs exactly what a user would run, through the ``crvlm`` command:
 
@@ -12,7 +13,8 @@ For each policy it runs exactly what a user would run, through the ``crvlm`` com
 3. a bundle built for pure steering (``--mode steer --opening '' --stop never``, so the sweep
    ranks steering alone by clean refusals) and its evaluation (``report-steer-only/``);
 
-then writes the table between the ``ablation`` markers of RESULTS.md from the reports.
+then writes the table between the ``--marker`` markers of RESULTS.md (default ``ablation``)
+from the reports.
 Bundles already in ``--bundles`` are reused unless ``--rebuild`` is given. About 15 minutes
 per policy on 2 CPU cores.
 """
@@ -29,7 +31,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 POLICIES = ("cooking", "travel", "programming", "shape-qa", "no-stars")
-IMAGE_POLICIES = ("shape-qa", "no-stars")
+IMAGE_POLICIES = ("shape-qa", "no-stars", "no-red")
 PURE_STEER = ["--mode", "steer", "--opening", "", "--stop", "never"]
 #: (system key in report.json, label, steering, opening, stop) in table order
 ROWS = (
@@ -43,7 +45,6 @@ ROWS = (
     ("system-prompt", "system prompt", "", "", ""),
     ("none", "unsteered", "", "", ""),
 )
-START, END = "<!-- ablation:start -->", "<!-- ablation:end -->"
 
 
 def crvlm(*args: str) -> None:
@@ -109,12 +110,13 @@ def table(policies: list[str]) -> str:
     return "\n".join(lines)
 
 
-def write_table(policies: list[str]) -> None:
+def write_table(policies: list[str], marker: str) -> None:
     results = HERE / "RESULTS.md"
     text = results.read_text()
-    block = f"{START}\n{table(policies)}\n{END}"
-    if START in text:
-        text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+    block = f"{start}\n{table(policies)}\n{end}"
+    if start in text:
+        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     results.write_text(text)
@@ -128,6 +130,7 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, default=Path("demo-vlm"), help="demo VLM directory")
     parser.add_argument("--rebuild", action="store_true", help="rebuild bundles that already exist")
     parser.add_argument("--table-only", action="store_true", help="only rewrite the table from the reports")
+    parser.add_argument("--marker", default="ablation", help="which table of RESULTS.md to write")
     args = parser.parse_args()
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     if not args.table_only:
@@ -135,7 +138,8 @@ def main() -> None:
             crvlm("demo-model", "--out", str(args.model_dir), "--overwrite")
         for name in policies:
             run_policy(name, args.bundles, args.model_dir, args.rebuild)
-    write_table([p for p in POLICIES if _has_new_report(p)])
+    shown = [p for p in POLICIES if _has_new_report(p)] if args.marker == "ablation" else policies
+    write_table(shown, args.marker)
 
 
 def _has_new_report(name: str) -> bool:
