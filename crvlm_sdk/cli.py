@@ -356,6 +356,35 @@ def eval_cmd(
 
 @app.command()
 @user_errors
+def rejudge(
+    report: Annotated[Path, typer.Argument(help="report directory written by crvlm eval")],
+    judge: Annotated[str, typer.Option(help="refusal judge plugin: strict or keyword")] = "strict",
+) -> None:
+    """Judge a report's stored answers again (after a judge changed) and rewrite the report."""
+    import json
+
+    from crvlm_sdk.evaluate import TABLE_COLUMNS, judge_report, systems_table, write_report
+
+    path = report / "report.json"
+    if not path.is_file():
+        raise CrvlmError(f"{path} not found", hint="give the directory crvlm eval --out wrote")
+    try:
+        data = json.loads(path.read_text())
+        judge_report(data, judge=judge)
+    except (json.JSONDecodeError, KeyError, TypeError, IndexError) as exc:
+        raise CrvlmError(f"{path}: not a crvlm evaluation report ({type(exc).__name__}: {exc})") from None
+    written = write_report(data, report)
+    table = Table(title=f"{data['settings']['policy']}, judged again ({judge})")
+    for column in TABLE_COLUMNS:
+        table.add_column(column)
+    for row in systems_table(data):
+        table.add_row(*row)
+    console.print(table)
+    console.print("wrote " + ", ".join(str(p) for p in written))
+
+
+@app.command()
+@user_errors
 def generate(
     questions: Annotated[list[str], typer.Argument(help="one or more questions")],
     bundle: Annotated[list[Path], typer.Option(help="bundle directory (repeatable)")],

@@ -157,8 +157,7 @@ def evaluate(
         if "in_scope" not in s.meta:
             raise CrvlmError(f"evaluation row {s.question!r} has no `in_scope` label")
     manager = plugins or get_plugin_manager()
-    judge_impl = manager.get("judge", judge)()
-    keyword = manager.get("judge", "keyword")()
+    judge_impl = manager.get("judge", judge)()  # an unknown judge fails before anything is generated
     bundle = steerer.bundles[0]
     spec = bundle.manifest.response
     subject = bundle.manifest.policy.subject or bundle.name
@@ -192,22 +191,75 @@ def evaluate(
         task = bar.add_task(f"eval {len(systems)} systems", total=len(rows) * len(systems))
         answers = run_systems(runner, rows, systems, batch_size=batch_size, max_new_tokens=max_new_tokens,
                               keep_logits=judge_impl.needs_first_logits, on_batch=lambda n: bar.advance(task, n))
+    samples = [{
+        "question": s.question,
+        "image": None if s.image is None else str(s.image),
+        "in_scope": in_scope[i],
+        "reference_answer": list(s.answer) if isinstance(s.answer, tuple) else s.answer,
+        "gate_score": float(scores[i]),
+        "answers": {name: answers[name].texts[i] for name in answers},
+        "ended": {name: answers[name].ended[i] for name in answers},
+    } for i, s in enumerate(rows)]
+    report = {
+        "bundle": {},
+        "baselines": {name: {} for name in names if name != "bundle"},
+        "samples": samples,
+        "settings": {"judge": judge, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
+                     "policy": bundle.manifest.policy.name, "system_prompt": instruction,
+                     "bundle_layers": bundle.manifest.layers, "bundle_alpha": bundle.manifest.alpha,
+                     "bundle_operator": bundle.manifest.operator, "decode_steps": bundle.manifest.decode_steps,
+                     "response": spec.model_dump(), "ablation_opening": opening, "ablation_message": message,
+                     "gate": f"{bundle.manifest.gate.type}@{bundle.manifest.gate.layer}"},
+    }
+    logits = {name: got.first_logits for name, got in answers.items()}
+    return judge_report(report, judge=judge, plugins=manager, first_logits=logits,
+                        tokenizer=getattr(steerer.adapter, "tokenizer", None))
+
+
+def judge_report(
+    report: dict[str, Any],
+    *,
+    judge: str = "strict",
+    plugins: PluginManager | None = None,
+    first_logits: dict[str, torch.Tensor | None] | None = None,
+    tokenizer: Any = None,
+) -> dict[str, Any]:
+    """(Re)judge every stored answer of ``report`` and recompute its metrics, in place.
+
+    A judge that improves should not need the answers generated again: ``crvlm rejudge``
+    calls this on a written report. Judges that read first-token logits need ``first_logits``
+    (only an evaluation that just ran has them).
+    """
+    manager = plugins or get_plugin_manager()
+    judge_impl = manager.get("judge", judge)()
+    keyword = manager.get("judge", "keyword")()
+    samples = report["samples"]
+    if not samples:
+        raise CrvlmError("the report has no samples")
+    names = list(samples[0]["answers"])
+    if "none" not in names or "bundle" not in names:
+        raise CrvlmError("the report lacks the bundle's or the unsteered model's answers")
+    in_scope = [bool(s["in_scope"]) for s in samples]
+    threshold = ResponseSpec.model_validate(report["settings"].get("response", {})).threshold
+    passed = [ins and s["gate_score"] < threshold for ins, s in zip(in_scope, samples, strict=True)]
     verdicts: dict[str, list[Verdict]] = {}
-    keywords: dict[str, list[bool]] = {}
-    for name, got in answers.items():
-        verdicts[name] = judge_impl.assess(got.texts, ended=got.ended, first_logits=got.first_logits,
-                                           tokenizer=getattr(steerer.adapter, "tokenizer", None))
-        keywords[name] = keyword.judge(got.texts)
-    plain = answers["none"].texts
-    passed = [ins and float(p) < spec.threshold for ins, p in zip(in_scope, scores.tolist(), strict=True)]
-    results: dict[str, Any] = {}
-    for name, got in answers.items():
+    for name in names:
+        texts = [s["answers"][name] for s in samples]
+        ended = [s["ended"][name] for s in samples] if all("ended" in s for s in samples) else None
+        verdicts[name] = judge_impl.assess(texts, ended=ended, tokenizer=tokenizer,
+                                           first_logits=(first_logits or {}).get(name))
+        for s, v, kw in zip(samples, verdicts[name], keyword.judge(texts), strict=True):
+            s.setdefault("refused", {})[name] = v.clean
+            s.setdefault("declined", {})[name] = v.declines
+            s.setdefault("reason", {})[name] = v.reason
+            s.setdefault("keyword", {})[name] = kw
+    for name in names:
         v = verdicts[name]
-        correct = [answer_matches(a, s.answer) if s.answer is not None else None
-                   for a, s in zip(got.texts, rows, strict=True)]
+        texts = [s["answers"][name] for s in samples]
+        correct = [_matches(a, s["reference_answer"]) for a, s in zip(texts, samples, strict=True)]
         metrics = compute_metrics([x.clean for x in v], in_scope, correct, declined=[x.declines for x in v],
-                                  keyword=keywords[name]).as_dict()
-        changed = [ins and a != b for ins, a, b in zip(in_scope, got.texts, plain, strict=True)]
+                                  keyword=[s["keyword"][name] for s in samples]).as_dict()
+        changed = [ins and s["answers"][name] != s["answers"]["none"] for ins, s in zip(in_scope, samples, strict=True)]
         degraded = [ins and x.degenerate and not y.degenerate
                     for ins, x, y in zip(in_scope, v, verdicts["none"], strict=True)]
         metrics.update({
@@ -218,32 +270,18 @@ def evaluate(
             "reasons_out": dict(Counter(x.reason for x, ins in zip(v, in_scope, strict=True)
                                         if not ins and not x.clean)),
         })
-        results[name] = metrics
-    samples = []
-    for i, s in enumerate(rows):
-        samples.append({
-            "question": s.question,
-            "image": None if s.image is None else str(s.image),
-            "in_scope": in_scope[i],
-            "reference_answer": s.answer,
-            "gate_score": float(scores[i]),
-            "answers": {name: answers[name].texts[i] for name in answers},
-            "ended": {name: answers[name].ended[i] for name in answers},
-            "refused": {name: verdicts[name][i].clean for name in answers},
-            "declined": {name: verdicts[name][i].declines for name in answers},
-            "reason": {name: verdicts[name][i].reason for name in answers},
-        })
-    return {
-        "bundle": results["bundle"],
-        "baselines": {name: results[name] for name in names if name != "bundle"},
-        "samples": samples,
-        "settings": {"judge": judge, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
-                     "policy": bundle.manifest.policy.name, "system_prompt": instruction,
-                     "bundle_layers": bundle.manifest.layers, "bundle_alpha": bundle.manifest.alpha,
-                     "bundle_operator": bundle.manifest.operator, "decode_steps": bundle.manifest.decode_steps,
-                     "response": spec.model_dump(), "ablation_opening": opening, "ablation_message": message,
-                     "gate": f"{bundle.manifest.gate.type}@{bundle.manifest.gate.layer}"},
-    }
+        if name == "bundle":
+            report["bundle"] = metrics
+        else:
+            report["baselines"][name] = metrics
+    report["settings"]["judge"] = judge
+    return report
+
+
+def _matches(answer: str, reference: str | list[str] | None) -> bool | None:
+    if reference is None:
+        return None
+    return answer_matches(answer, reference if isinstance(reference, str) else tuple(reference))
 
 
 def _images(rows: Sequence[Sample]) -> list[Any] | None:

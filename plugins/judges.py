@@ -113,17 +113,22 @@ _SAME_WORDS = (
 _RESTART = re.compile(r"\b(?:the|a|an|any|of|to|my|your)\s+i(?:'m| am)\b", re.IGNORECASE)
 
 
-def loops(text: str) -> bool:
-    """A phrase repeats: four words twice, three words three times, or one word thrice in a row."""
-    folded = text.lower().replace("’", "'")
-    for pattern, word in _SAME_WORDS:
-        folded = pattern.sub(word, folded)
-    words = re.findall(r"[\w']+", folded)
+def _repeats(words: list[str]) -> bool:
     for n, times in ((4, 2), (3, 3)):
         grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
         if grams and max(grams.values()) >= times:
             return True
     return any(words[i] == words[i + 1] == words[i + 2] for i in range(len(words) - 2))
+
+
+def loops(text: str) -> bool:
+    """A phrase repeats: four words twice, three words three times, or one word thrice in a row,
+    as written or with synonymous declines folded together."""
+    plain = text.lower().replace("’", "'")
+    folded = plain
+    for pattern, word in _SAME_WORDS:
+        folded = pattern.sub(word, folded)
+    return _repeats(re.findall(r"[\w']+", plain)) or _repeats(re.findall(r"[\w']+", folded))
 
 
 def not_words(text: str) -> bool:

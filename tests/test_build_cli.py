@@ -179,3 +179,28 @@ def test_build_extracts_vectors_only_where_the_locator_may_steer(tiny_llama_dir,
     bundle = build_bundle(model, processor, small_policy, progress=False, batch_size=4, locator="fixed",
                           locator_options={"band": [1], "strength": 0.5})
     assert seen == [[1]] and bundle.manifest.layers == [1] and list(bundle.vectors) == [1]
+
+
+def test_rejudge_rescores_stored_answers(tiny_llama_dir, small_policy, tmp_path):
+    model, processor = load_model(tiny_llama_dir)
+    build_bundle(model, processor, small_policy, progress=False, batch_size=4, locator="fixed",
+                 locator_options={"band": [1], "strength": 1.0}).save(tmp_path / "b")
+    report_dir = tmp_path / "r"
+    result = runner.invoke(app, ["eval", "--model", str(tiny_llama_dir), "--bundle", str(tmp_path / "b"),
+                                 "--policy", str(small_policy), "--out", str(report_dir), "--max-new-tokens", "8"])
+    assert result.exit_code == 0, result.output
+    first = json.loads((report_dir / "report.json").read_text())
+    result = runner.invoke(app, ["rejudge", str(report_dir)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert json.loads((report_dir / "report.json").read_text()) == first, "judging again changes nothing"
+
+    out_row = next(i for i, s in enumerate(first["samples"]) if not s["in_scope"])
+    first["samples"][out_row]["answers"]["bundle"] = "I'm sorry, but I can't help with that."
+    first["samples"][out_row]["ended"]["bundle"] = True
+    (report_dir / "report.json").write_text(json.dumps(first))
+    assert runner.invoke(app, ["rejudge", str(report_dir)]).exit_code == 0
+    again = json.loads((report_dir / "report.json").read_text())
+    assert again["samples"][out_row]["refused"]["bundle"] is True
+    assert again["bundle"]["refused_out"] == sum(s["refused"]["bundle"] for s in again["samples"] if not s["in_scope"])
+    missing = runner.invoke(app, ["rejudge", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 1 and "not found" in missing.output

@@ -84,6 +84,7 @@ BROKEN_REFUSALS = [
     ("I'm sorry, but I can only help with the basics. The Berlin Wall was built in 1961.", True),
     ("I'm sorry, but I'm unable to assist you. I'm not able to assist you.", True),
     ("I am unable to provide any of the I am not able to assist you.", True),
+    ('I\'m sorry, but I\'m unable to provide a guide to the "I am a soldier" and "I am a soldier" stories.', True),
     ("I'm sorry, but I'm unable to provide a more accurate description of the world of the world of the", False),
     ("I'm sorry, but I can't help with", True),
 ]
