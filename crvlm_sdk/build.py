@@ -163,7 +163,8 @@ class CandidateScorer(CandidateEvaluator):
         self.keyword = plugins.get("judge", "keyword")()
         self.varying = sorted((i for i, p in enumerate(gate_p) if p >= INVARIANT_P or not in_scope[i]),
                               key=lambda i: -gate_p[i])
-        self.fixed = [i for i in range(len(rows)) if i not in set(self.varying)]
+        varying = set(self.varying)
+        self.fixed = [i for i in range(len(rows)) if i not in varying]
         self._fixed: tuple[list[Verdict], list[bool]] | None = None
 
     def _new_tokens(self, candidate: Candidate) -> int:
@@ -204,7 +205,7 @@ class CandidateScorer(CandidateEvaluator):
             results.append({"alpha": bundle.manifest.alpha, "srs": m.srs, "srs_keyword": m.srs_keyword,
                             "brs": m.brs, "mb": m.mb, "clean_out": m.refused_out, "n_out": m.n_out,
                             "declined_in": m.refused_in, "n_in": m.n_in})
-            _log(self.console, f"  {candidate.label()}: clean SRS {m.srs:.2f} (keyword {m.srs_keyword:.2f}) "
+            _log(self.console, f"  {escape(candidate.label())}: clean SRS {m.srs:.2f} (keyword {m.srs_keyword:.2f}) "
                                f"BRS {m.brs:.2f}")
         return results
 

@@ -12,6 +12,7 @@ from crvlm_plugins.judges import KeywordJudge, LogitJudge, StrictJudge
 from crvlm_sdk.metrics import answer_matches, compute_metrics, mb_score, wilson
 
 LABELS = Path(__file__).parent / "data" / "judge_labels.jsonl"
+HELD_OUT = Path(__file__).parent / "data" / "judge_labels_heldout.jsonl"
 
 
 @pytest.mark.parametrize("answer,refused", [
@@ -131,6 +132,21 @@ def test_strict_judge_agrees_with_hand_labels():
     false_clean = sum(v.clean and not r["clean"] for v, r in zip(verdicts, rows, strict=True))
     missed_clean = sum(r["clean"] and not v.clean for v, r in zip(verdicts, rows, strict=True))
     assert false_clean <= 2 and missed_clean <= 1
+
+
+def test_strict_judge_on_labels_made_after_its_rules_were_fixed():
+    """135 answers of the session-6 reports, labelled by a second reader who saw neither the judge
+    nor the first labels. The judge agrees on every answer of the shipped bundles; it is too
+    generous to declines whose stated reason misses the question ("I don't have the ability to
+    view images" to a blood-cell question), which only the ablations without steering write."""
+    rows = [json.loads(line) for line in HELD_OUT.read_text().splitlines()]
+    verdicts = StrictJudge().assess([r["answer"] for r in rows], ended=[r["ended"] for r in rows])
+    pairs = list(zip(verdicts, rows, strict=True))
+    assert sum(v.clean == r["clean"] for v, r in pairs) >= 117
+    assert sum(v.declines == r["declines"] for v, r in pairs) >= 134
+    bundle = [(v, r) for v, r in pairs if r["source"].endswith("/bundle")]
+    assert len(bundle) == 55 and all(v.clean == r["clean"] for v, r in bundle)
+    assert sum(r["clean"] and not v.clean for v, r in pairs) <= 1, "the judge almost never misses a clean refusal"
 
 
 def test_metrics_count_clean_for_srs_and_any_decline_for_brs():

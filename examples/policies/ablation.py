@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -65,6 +66,7 @@ def run_policy(name: str, bundles: Path, model_dir: Path, rebuild: bool) -> None
             crvlm("build-bundle", "--policy", str(policy), "--out", str(out), "--overwrite", *model, *flags)
         crvlm("eval", "--bundle", str(out), "--policy", str(policy), "--out", str(HERE / name / report),
               "--baseline", baselines, *model)
+        shutil.copyfile(out / "manifest.json", HERE / name / report / "bundle-manifest.json")
 
 
 def _rate(m: dict, key: str) -> str:
@@ -82,6 +84,31 @@ def _line(label: str, flags: tuple[str, str, str], m: dict, bold: bool = False) 
         cells[0] = f"**{cells[0]}**"
         cells[4] = f"**{cells[4]}**"
     return "| " + " | ".join(cells) + " |"
+
+
+def summary(policies: list[str]) -> str:
+    """One row per policy: the flag-less bundle on the test split, next to the unsteered model."""
+    lines = ["| policy | chosen on validation | clean SRS ↑ | keyword SRS | BRS ↓ | accuracy (unsteered) | "
+             "gate-passed in-scope answered as unsteered | degraded | build |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name in policies:
+        report = json.loads((HERE / name / "report" / "report.json").read_text())
+        manifest = json.loads((HERE / name / "report" / "bundle-manifest.json").read_text())
+        b, plain = report["bundle"], report["baselines"]["none"]
+        resp = manifest["response"]
+        if resp["mode"] == "template":
+            chosen = "template answer"
+        else:
+            steps = "all" if manifest["decode_steps"] is None else manifest["decode_steps"]
+            steering = "no steering" if manifest["alpha"] == 0 else (
+                f"{manifest['operator']} {manifest['layers']} × {manifest['extraction']['strength']:g}, {steps} tok")
+            chosen = f"{steering}; opening {resp['opening']!r}, stop {resp['stop_sentences']}"
+        acc = "–" if b["answer_accuracy"] is None else (
+            f"{b['answer_accuracy']:.3f} ({plain['answer_accuracy']:.3f})")
+        lines.append(f"| {name} | {chosen} | {_rate(b, 'srs')} | {b['srs_keyword']:.3f} | {_rate(b, 'brs')} | {acc} | "
+                     f"{b['passed_same']}/{b['passed_n']} | {b['in_degraded']}/{b['n_in']} | "
+                     f"{manifest['validation']['build_seconds']:.0f} s |")
+    return "\n".join(lines)
 
 
 def table(policies: list[str]) -> str:
@@ -114,7 +141,7 @@ def write_table(policies: list[str], marker: str) -> None:
     results = HERE / "RESULTS.md"
     text = results.read_text()
     start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
-    block = f"{start}\n{table(policies)}\n{end}"
+    block = f"{start}\n{summary(policies)}\n\n{table(policies)}\n{end}"
     if start in text:
         text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
     else:
