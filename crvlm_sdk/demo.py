@@ -96,7 +96,7 @@ def run_demo(out: Path, *, max_new_tokens: int = 40, console: Console | None = N
 
 #: Settings for the VLM demo, from the sweep on examples/policies/no-stars (RESULTS.md).
 VLM_BAND = [6]
-VLM_STRENGTH = 1.0
+VLM_STRENGTH = 0.8
 VLM_GATE_LAYERS = (7, 8, 9, 10)  # above the band: an unsteered pre-pass reads the gate
 VLM_TRAIN_PER_SIDE = 60
 
