@@ -38,8 +38,11 @@ def build(policy: Path, out: Path, pythonpath: str | None) -> float:
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
     started = time.perf_counter()
+    # cwd outside the checkout: ``python -c`` puts the working directory first on sys.path, which
+    # would import this checkout's crvlm_sdk instead of the old one.
     subprocess.run([sys.executable, "-c", "from crvlm_sdk.cli import app; app()", "build-bundle",
-                    "--policy", str(policy), "--out", str(out)], env=env, check=True, stdout=subprocess.DEVNULL)
+                    "--policy", str(policy), "--out", str(out)], env=env, check=True, stdout=subprocess.DEVNULL,
+                   cwd=out.parent)
     return time.perf_counter() - started
 
 

@@ -166,6 +166,7 @@ class CandidateScorer(CandidateEvaluator):
         varying = set(self.varying)
         self.fixed = [i for i in range(len(rows)) if i not in varying]
         self._fixed: tuple[list[Verdict], list[bool]] | None = None
+        self._scores: dict[str, dict[str, Any]] = {}
 
     def _new_tokens(self, candidate: Candidate) -> int:
         spec = candidate.response
@@ -176,6 +177,15 @@ class CandidateScorer(CandidateEvaluator):
         return self.judge.assess(texts, ended=ended), self.keyword.judge(texts)
 
     def many(self, candidates: Sequence[Candidate]) -> list[dict[str, Any]]:
+        # Generation is greedy, so a candidate scored in an earlier stage (the image-weight stage
+        # starts from the chosen one) keeps its score instead of being generated again.
+        todo = list(dict.fromkeys(repr(c) for c in candidates if repr(c) not in self._scores))
+        if todo:
+            fresh = {repr(c): c for c in candidates}
+            self._scores.update(zip(todo, self._score([fresh[k] for k in todo]), strict=True))
+        return [dict(self._scores[repr(c)]) for c in candidates]
+
+    def _score(self, candidates: Sequence[Candidate]) -> list[dict[str, Any]]:
         bundles = [self.make(c).replaced(name=f"candidate-{k}") for k, c in enumerate(candidates)]
         steerer = Steerer(self.backbone, bundles, plugins=self.plugins)
         systems = [System(b.name, b.name) for b in bundles]

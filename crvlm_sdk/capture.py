@@ -109,9 +109,15 @@ def restore_order(stats: ActivationStats, order: Sequence[int]) -> ActivationSta
 
 
 def progress_bar(enabled: bool) -> Progress:
-    """The one progress-bar style of crvlm's long loops (capture, evaluation); gone when done."""
+    """The one progress-bar style of crvlm's long loops (capture, evaluation); gone when done.
+
+    Off when the console is not a terminal: a transient bar written to a log or a pipe leaves a
+    blank line behind for every loop.
+    """
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    return Progress(*columns, disable=not enabled, transient=True)
+    progress = Progress(*columns, transient=True)
+    progress.disable = not (enabled and progress.console.is_terminal)
+    return progress
 
 
 #: Below this many shared tokens a batch is run whole: the extra pass would cost more than it saves.

@@ -181,6 +181,28 @@ def test_build_extracts_vectors_only_where_the_locator_may_steer(tiny_llama_dir,
     assert seen == [[1]] and bundle.manifest.layers == [1] and list(bundle.vectors) == [1]
 
 
+def test_candidate_scorer_generates_each_candidate_once():
+    """A stage that proposes an already-scored candidate (the image-weight stage starts from the
+    chosen one) reuses its score: decoding is greedy, generating it again would only cost time."""
+    from crvlm_sdk.build import CandidateScorer
+    from crvlm_sdk.interfaces import Candidate
+
+    calls: list[list[Candidate]] = []
+
+    def score(candidates):
+        calls.append(list(candidates))
+        return [{"srs": c.strength, "brs": 0.0} for c in candidates]
+
+    scorer = CandidateScorer.__new__(CandidateScorer)
+    scorer._scores = {}
+    scorer._score = score
+    a, b = Candidate(band=(1,), strength=0.5), Candidate(band=(1,), strength=0.7)
+    c = Candidate(band=(1,), strength=0.5, response={"stop_sentences": 2})
+    assert [r["srs"] for r in scorer.many([a, b, a])] == [0.5, 0.7, 0.5]
+    assert [r["srs"] for r in scorer.many([b, c, Candidate(band=(1,), strength=0.5)])] == [0.7, 0.5, 0.5]
+    assert calls == [[a, b], [c]]
+
+
 def test_rejudge_rescores_stored_answers(tiny_llama_dir, small_policy, tmp_path):
     model, processor = load_model(tiny_llama_dir)
     build_bundle(model, processor, small_policy, progress=False, batch_size=4, locator="fixed",
