@@ -322,7 +322,7 @@ def eval_cmd(
 ) -> None:
     """Evaluate a bundle against baselines; writes report.json, report.md and plots."""
     from crvlm_sdk.bundle import Bundle
-    from crvlm_sdk.evaluate import SYSTEMS, TABLE_COLUMNS, evaluate, systems_table, write_report
+    from crvlm_sdk.evaluate import SYSTEMS, evaluate
     from crvlm_sdk.policy import Policy, read_jsonl
     from crvlm_sdk.steerer import Steerer
 
@@ -343,9 +343,16 @@ def eval_cmd(
     steerer = Steerer(backbone, [loaded])
     report = evaluate(steerer, rows, baselines=baselines, system_prompt=instruction, opening=opening,
                       message=message, judge=judge, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    _print_report(report, out, f"{loaded.name}: {report['bundle']['n_out']} out-of-scope / "
+                               f"{report['bundle']['n_in']} in-scope questions (95% intervals)")
+
+
+def _print_report(report: dict[str, Any], out: Path, title: str) -> None:
+    """Write an evaluation report to ``out`` and print its table of systems."""
+    from crvlm_sdk.evaluate import TABLE_COLUMNS, systems_table, write_report
+
     written = write_report(report, out)
-    table = Table(title=f"{loaded.name}: {report['bundle']['n_out']} out-of-scope / "
-                        f"{report['bundle']['n_in']} in-scope questions (95% intervals)")
+    table = Table(title=title)
     for column in TABLE_COLUMNS:
         table.add_column(column)
     for row in systems_table(report):
@@ -363,7 +370,7 @@ def rejudge(
     """Judge a report's stored answers again (after a judge changed) and rewrite the report."""
     import json
 
-    from crvlm_sdk.evaluate import TABLE_COLUMNS, judge_report, systems_table, write_report
+    from crvlm_sdk.evaluate import judge_report
 
     path = report / "report.json"
     if not path.is_file():
@@ -373,14 +380,7 @@ def rejudge(
         judge_report(data, judge=judge)
     except (json.JSONDecodeError, KeyError, TypeError, IndexError) as exc:
         raise CrvlmError(f"{path}: not a crvlm evaluation report ({type(exc).__name__}: {exc})") from None
-    written = write_report(data, report)
-    table = Table(title=f"{data['settings']['policy']}, judged again ({judge})")
-    for column in TABLE_COLUMNS:
-        table.add_column(column)
-    for row in systems_table(data):
-        table.add_row(*row)
-    console.print(table)
-    console.print("wrote " + ", ".join(str(p) for p in written))
+    _print_report(data, report, f"{data['settings']['policy']}, judged again ({judge})")
 
 
 @app.command()

