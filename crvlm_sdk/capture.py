@@ -21,6 +21,7 @@ from functools import partial
 from typing import Any, Literal
 
 import torch
+from rich import get_console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from transformers import DynamicCache
 
@@ -115,9 +116,7 @@ def progress_bar(enabled: bool) -> Progress:
     blank line behind for every loop.
     """
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    progress = Progress(*columns, transient=True)
-    progress.disable = not (enabled and progress.console.is_terminal)
-    return progress
+    return Progress(*columns, transient=True, disable=not (enabled and get_console().is_terminal))
 
 
 #: Below this many shared tokens a batch is run whole: the extra pass would cost more than it saves.

