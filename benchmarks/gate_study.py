@@ -7,16 +7,16 @@ split, same calibration to 2% over-refusal on validation) at every candidate gat
 prints, per way of choosing the gate, the rates on validation (what a build can see) and on the
 test split (what a user gets):
 
-- ``first-best``: the layer the build keeps today, the first with the largest caught − flagged
-  on validation;
+- ``first-best``: the first layer with the largest caught − flagged on validation (what the
+  build kept before it read the gate at several layers; ``gate_ensemble=False``);
 - ``best-margin``: among the layers with the largest caught − flagged, the one whose validation
   classes are furthest apart (lowest validation log-loss of the uncalibrated probe);
 - ``ensemble``: the mean of the calibrated logits of every layer with the largest caught −
-  flagged, thresholded at 0;
+  flagged, thresholded at 0 (the build's default gate, as ``fit_gate`` returns it);
 - ``oracle``: the layer best on *test* (not choosable; an upper bound for per-layer choice).
 
 Only the gate runs (no generation), so a policy takes well under a minute. The output feeds the
-gate discussion in examples/policies/RESULTS.md; nothing here changes a default.
+gate discussion in examples/policies/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -28,10 +28,9 @@ from typing import Any
 
 import torch
 
-from crvlm_plugins.gates import ProbeGate
-from crvlm_sdk import load_model
+from crvlm_sdk import get_plugin_manager, load_model
 from crvlm_sdk.backbones import adapter_for
-from crvlm_sdk.build import BuildOptions, gate_layers
+from crvlm_sdk.build import BuildOptions, fit_gate, gate_layers
 from crvlm_sdk.capture import capture
 from crvlm_sdk.interfaces import BackboneAdapter
 from crvlm_sdk.policy import Policy
@@ -50,27 +49,19 @@ def study(policy_path: Path, adapter: BackboneAdapter) -> dict[str, Any]:
     data = pol.load_data()
     opts = BuildOptions()
     layers = gate_layers(adapter.num_layers, opts)
-    groups = {"train": data.train_in + data.train_out, "val": data.val_in + data.val_out, "test": data.test}
-    acts = {k: capture(adapter, v, layers, keep=True, progress=False, batch_size=opts.batch_size)
-            for k, v in groups.items()}
-    n_in = len(data.train_in)
+    fit = fit_gate(adapter, data, opts, plugins=get_plugin_manager(), progress=False)
+    test_rows = capture(adapter, data.test, layers, keep=True, progress=False, batch_size=opts.batch_size)
     val_in = torch.tensor([True] * len(data.val_in) + [False] * len(data.val_out))
     test_in = torch.tensor([bool(s.meta["in_scope"]) for s in data.test])
     per_layer = {}
-    for layer in layers:
-        rows = acts["train"].rows(layer)
-        gate = ProbeGate.untrained(adapter.hidden_size)
-        torch.manual_seed(0)
-        gate.fit(rows[:n_in], rows[n_in:])
-        raw_val = gate.logits(acts["val"].rows(layer))
+    for layer, gate in fit.per_layer.items():
+        raw_val = gate.logits(fit.val_rows[layer])
         loss = float(torch.nn.functional.binary_cross_entropy_with_logits(raw_val, (~val_in).float()))
-        gate.calibrate(acts["val"].rows(layer)[: len(data.val_in)], target_over_refusal=opts.target_over_refusal)
         val_logits = raw_val - gate.threshold
-        test_logits = gate.logits(acts["test"].rows(layer)) - gate.threshold
+        test_logits = gate.logits(test_rows.rows(layer)) - gate.threshold
         per_layer[layer] = {"val": rates(val_logits, val_in), "test": rates(test_logits, test_in), "loss": loss,
                             "val_logits": val_logits, "test_logits": test_logits}
-    score = {layer: r["val"][0] - r["val"][1] for layer, r in per_layer.items()}
-    top = [layer for layer in layers if score[layer] == max(score.values())]
+    top = fit.gate.layers
     first = top[0]
     margin = min(top, key=lambda layer: per_layer[layer]["loss"])
     oracle = max(layers, key=lambda layer: per_layer[layer]["test"][0] - per_layer[layer]["test"][1])

@@ -13,6 +13,7 @@ from crvlm_sdk.bundle import Bundle, BundleWarning, GateSpec, Manifest, PolicySu
 from crvlm_sdk.capture import ActivationStats, capture, capture_forced
 from crvlm_sdk.errors import AdapterError, BundleError, CrvlmError, ModelLoadError, PluginError
 from crvlm_sdk.evaluate import evaluate, write_report
+from crvlm_sdk.gating import LayerGates
 from crvlm_sdk.hookspecs import hookimpl
 from crvlm_sdk.interfaces import (
     BackboneAdapter,
@@ -48,6 +49,7 @@ __all__ = [
     "Gate",
     "GateSpec",
     "LayerChoice",
+    "LayerGates",
     "LayerLocator",
     "Manifest",
     "ModelLoadError",

@@ -23,6 +23,7 @@ from crvlm_sdk.bundle import Bundle, Operator, ResponseMode, ResponseSpec
 from crvlm_sdk.capture import capture
 from crvlm_sdk.errors import CrvlmError
 from crvlm_sdk.evaluate import System, run_systems
+from crvlm_sdk.gating import LayerGates, describe_layers
 from crvlm_sdk.interfaces import BackboneAdapter, Candidate, CandidateEvaluator, Gate, Sample, Verdict
 from crvlm_sdk.metrics import compute_metrics
 from crvlm_sdk.plugins import PluginManager, get_plugin_manager
@@ -40,6 +41,8 @@ class BuildOptions:
     extractor_options: dict[str, Any] = field(default_factory=dict)
     gate: str = "probe"
     gate_layers: Sequence[int] | None = None
+    #: read the gate at every layer tied best on validation (log-odds averaged); False: the first of them
+    gate_ensemble: bool = True
     target_over_refusal: float = 0.02
     gate_temperature: float = 0.1
     locator: str = "sweep"
@@ -74,13 +77,22 @@ class BuildOptions:
 
 @dataclass
 class GateFit:
-    layer: int
-    gate: Gate
+    #: the gate the bundle keeps: every layer tied best on validation, or the first of them
+    gate: LayerGates
+    #: the kept gate on validation (out-of-scope caught, in-scope flagged at p > 0.5)
     caught: float
     flagged: float
+    #: caught and flagged of each layer's own gate
     table: list[dict[str, Any]]
-    #: validation activations at ``layer``, in-scope rows first
-    val_rows: torch.Tensor
+    #: every fitted layer's calibrated gate (for studies of the choice)
+    per_layer: dict[int, Gate]
+    #: validation activations at every fitted layer, in-scope rows first
+    val_rows: dict[int, torch.Tensor]
+
+    @property
+    def val_p(self) -> torch.Tensor:
+        """The kept gate's ``p`` on the validation rows (in-scope first)."""
+        return self.gate.score(self.val_rows)
 
 
 def _log(console: Console | None, message: str) -> None:
@@ -89,7 +101,7 @@ def _log(console: Console | None, message: str) -> None:
 
 
 def gate_layers(num_layers: int, options: BuildOptions) -> list[int]:
-    """Layers the gate is fitted at (the best one on validation is kept): the given ones, or
+    """Layers the gate is fitted at (the best on validation are kept): the given ones, or
     every layer from a quarter of the depth up."""
     return list(options.gate_layers) if options.gate_layers else list(range(max(1, num_layers // 4), num_layers))
 
@@ -103,16 +115,28 @@ def fit_gate(
     plugins: PluginManager,
     progress: bool,
 ) -> GateFit:
-    """Fit the gate at every candidate layer; keep the one that best separates validation data."""
+    """Fit and calibrate a gate at every candidate layer; keep the layers that best separate
+    validation data (out-of-scope caught minus in-scope flagged).
+
+    Validation sets of a few dozen questions often tie several layers; which in-scope test
+    questions a gate flags then depends on the arbitrary pick among them, so by default the
+    gate reads all tied layers and averages their log-odds (:class:`LayerGates`).
+    """
     layers = gate_layers(adapter.num_layers, options)
     common = {"batch_size": options.batch_size, "progress": progress, "keep": True}
     train = capture(adapter, data.train_in + data.train_out, layers, description="gate features (train)", **common)
     val = capture(adapter, data.val_in + data.val_out, layers, description="gate features (validation)", **common)
     n_in, v_in = len(data.train_in), len(data.val_in)
     gate_cls = plugins.get("gate", options.gate)
-    table, best = [], None
+    table: list[dict[str, Any]] = []
+    gates: dict[int, Gate] = {}
+    val_rows = {layer: val.rows(layer) for layer in layers}
+
+    def rates(p: torch.Tensor) -> tuple[float, float]:
+        return float((p[v_in:] > 0.5).float().mean()), float((p[:v_in] > 0.5).float().mean())
+
     for layer in layers:
-        rows, vrows = train.rows(layer), val.rows(layer)
+        rows, vrows = train.rows(layer), val_rows[layer]
         h_in, h_out = rows[:n_in], rows[n_in:]
         if extra_rows:
             h_in = torch.cat([h_in, extra_rows["gate_in"][layer]])
@@ -121,15 +145,18 @@ def fit_gate(
         torch.manual_seed(options.seed or 0)
         gate.fit(h_in, h_out)
         gate.calibrate(vrows[:v_in], target_over_refusal=options.target_over_refusal)
-        p = gate.score(vrows)
-        caught = float((p[v_in:] > 0.5).float().mean())
-        flagged = float((p[:v_in] > 0.5).float().mean())
+        caught, flagged = rates(gate.score(vrows))
         table.append({"layer": layer, "caught": caught, "flagged": flagged})
-        if best is None or caught - flagged > best.caught - best.flagged:
-            best = GateFit(layer, gate, caught, flagged, table, vrows)
-    assert best is not None
-    best.gate.soften(options.gate_temperature)
-    return best
+        gates[layer] = gate
+    best = max(row["caught"] - row["flagged"] for row in table)
+    tied = [row["layer"] for row in table if row["caught"] - row["flagged"] > best - 1e-9]
+    kept = LayerGates({layer: gates[layer] for layer in (tied if options.gate_ensemble else tied[:1])})
+    for gate in kept.gates.values():
+        gate.soften(options.gate_temperature)
+    caught, flagged = rates(kept.score(val_rows))
+    for row in table:
+        row["kept"] = row["layer"] in kept.gates
+    return GateFit(kept, caught, flagged, table, gates, val_rows)
 
 
 def residual_norms(adapter: BackboneAdapter, samples: Sequence[Sample], batch_size: int,
@@ -280,14 +307,15 @@ def build_bundle(
                                 batch_size=opts.batch_size, progress=progress)
     # 3. gate
     gate_fit = fit_gate(backbone, data, opts, extra_rows=aligned or None, plugins=manager, progress=progress)
-    _log(console, f"gate: {escape(opts.gate)} at layer {gate_fit.layer}, validation: {gate_fit.caught:.0%} of "
+    _log(console, f"gate: {escape(opts.gate)} at {describe_layers(gate_fit.gate.layers)}, validation: "
+                  f"{gate_fit.caught:.0%} of "
                   f"out-of-scope caught, {gate_fit.flagged:.0%} of in-scope flagged")
     # 4. steering and response settings, chosen on the whole validation split
     norms = residual_norms(backbone, data.train_out[:32], opts.batch_size, steer_layers)
     directions = aligned.get("directions", {})
     base = Bundle.create(
         adapter=backbone, policy=pol.summary(len(data.train_in), len(data.train_out)),
-        vectors={steer_layers[0]: vectors[steer_layers[0]]}, gate=gate_fit.gate, gate_layer=gate_fit.layer, alpha=0.0,
+        vectors={steer_layers[0]: vectors[steer_layers[0]]}, gate=gate_fit.gate, alpha=0.0,
     )
 
     def make(candidate: Candidate) -> Bundle:
@@ -303,11 +331,12 @@ def build_bundle(
 
     val_rows = data.val_out + data.val_in
     in_scope = [False] * len(data.val_out) + [True] * len(data.val_in)
-    gate_p = [float(p) for p in gate_fit.gate.score(gate_fit.val_rows)]
+    gate_p = [float(p) for p in gate_fit.val_p]
     gate_p = gate_p[len(data.val_in):] + gate_p[: len(data.val_in)]  # fit_gate keeps in-scope rows first
     defaults = _default_candidate(opts, pol, steer_layers)
     scorer = CandidateScorer(backbone, make, val_rows, in_scope, gate_p, defaults, opts, manager, console)
-    choice = locator.locate(backbone.num_layers, scorer, gate_layer=gate_fit.layer, seed=seed, **locator_options)
+    choice = locator.locate(backbone.num_layers, scorer, gate_layer=gate_fit.gate.last_layer, seed=seed,
+                            **locator_options)
     chosen = choice.candidate or replace(defaults, band=tuple(choice.band),
                                          strength=float(next(r["strength"] for r in choice.table if r.get("chosen"))))
     table = choice.table

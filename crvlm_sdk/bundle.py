@@ -28,10 +28,11 @@ from safetensors.torch import save as save_safetensors
 
 from crvlm_sdk._version import __version__
 from crvlm_sdk.errors import BundleError
+from crvlm_sdk.gating import LayerGates
 from crvlm_sdk.interfaces import BackboneAdapter, Fingerprint, Gate
 from crvlm_sdk.plugins import PluginManager, get_plugin_manager
 
-FORMAT_VERSION = "1.2"  # 1.1: `decode_steps`; 1.2: `response`
+FORMAT_VERSION = "1.3"  # 1.1: `decode_steps`; 1.2: `response`; 1.3: a gate read at several layers
 MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
 
@@ -54,10 +55,34 @@ class PolicySummary(BaseModel):
 
 
 class GateSpec(BaseModel):
+    """The gate plugin, the layers it reads (one gate per layer, log-odds averaged), the names
+    of one layer's tensors and each layer's settings."""
+
     type: str
-    layer: int = Field(ge=0)
+    layers: list[int] = Field(min_length=1)
     params: list[str] = Field(default_factory=list)
-    config: dict[str, Any] = Field(default_factory=dict)
+    #: one settings dict per layer, in ``layers`` order
+    configs: list[dict[str, Any]] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_one_layer(cls, data: Any) -> Any:
+        """Formats before 1.3 wrote a single ``layer`` and ``config``."""
+        if isinstance(data, dict) and "layer" in data and "layers" not in data:
+            data = dict(data)
+            data["layers"] = [data.pop("layer")]
+            data["configs"] = [data.pop("config", {})]
+        return data
+
+    @model_validator(mode="after")
+    def _one_config_per_layer(self) -> GateSpec:
+        if sorted(set(self.layers)) != self.layers or self.layers[0] < 0:
+            raise ValueError(f"`layers` must be sorted, unique and >= 0, got {self.layers}")
+        if not self.configs:
+            self.configs = [{} for _ in self.layers]
+        if len(self.configs) != len(self.layers):
+            raise ValueError(f"{len(self.configs)} `configs` for {len(self.layers)} `layers`")
+        return self
 
 
 class ResponseSpec(BaseModel):
@@ -148,8 +173,8 @@ class Manifest(BaseModel):
 
     @property
     def needs_prepass(self) -> bool:
-        """Whether the gate layer is at or above the band (an unsteered pre-pass reads it)."""
-        return self.gate.layer >= min(self.layers)
+        """Whether a gate layer is at or above the band (an unsteered pre-pass reads the gate)."""
+        return self.gate.layers[-1] >= min(self.layers)
 
 
 @dataclass
@@ -158,7 +183,8 @@ class Bundle:
 
     manifest: Manifest
     vectors: dict[int, torch.Tensor]
-    gate_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: per gate layer, that layer's gate parameters
+    gate_tensors: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     extra_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -172,8 +198,8 @@ class Bundle:
         adapter: BackboneAdapter,
         policy: PolicySummary | Mapping[str, Any],
         vectors: Mapping[int, torch.Tensor],
-        gate: Gate,
-        gate_layer: int,
+        gate: Gate | LayerGates,
+        gate_layer: int | None = None,
         alpha: float,
         operator: Operator = "additive",
         decode_steps: int | None = None,
@@ -182,7 +208,18 @@ class Bundle:
         validation: Mapping[str, Any] | None = None,
         extra_tensors: Mapping[str, torch.Tensor] | None = None,
     ) -> Bundle:
-        """Assemble a bundle for ``adapter``'s model, fingerprinting it."""
+        """Assemble a bundle for ``adapter``'s model, fingerprinting it.
+
+        ``gate`` is one gate read at ``gate_layer``, or :class:`LayerGates` (no ``gate_layer``).
+        """
+        if isinstance(gate, LayerGates):
+            if gate_layer is not None:
+                raise BundleError("gate_layer is given by LayerGates; pass it only with a single Gate")
+            gates = gate
+        elif gate_layer is None:
+            raise BundleError("a single gate needs gate_layer (the layer it reads)")
+        else:
+            gates = LayerGates({gate_layer: gate})
         summary = policy if isinstance(policy, PolicySummary) else PolicySummary(**policy)
         manifest = Manifest(
             policy=summary,
@@ -193,14 +230,17 @@ class Bundle:
             operator=operator,
             decode_steps=decode_steps,
             response=response or ResponseSpec(),
-            gate=GateSpec(type=gate.name, layer=gate_layer, params=sorted(gate.tensors()), config=gate.config()),
+            gate=GateSpec(type=gates.name, layers=gates.layers,
+                          params=sorted(next(iter(gates.gates.values())).tensors()),
+                          configs=[g.config() for g in gates.gates.values()]),
             extraction=dict(extraction or {}),
             validation=dict(validation or {}),
         )
         bundle = cls(
             manifest=manifest,
             vectors={int(k): v.detach().float().cpu().contiguous() for k, v in vectors.items()},
-            gate_tensors={k: v.detach().float().cpu().contiguous() for k, v in gate.tensors().items()},
+            gate_tensors={layer: {k: v.detach().float().cpu().contiguous() for k, v in g.tensors().items()}
+                          for layer, g in gates.gates.items()},
             extra_tensors={k: v.detach().cpu().contiguous() for k, v in (extra_tensors or {}).items()},
         )
         bundle.check("<new bundle>")
@@ -216,8 +256,9 @@ class Bundle:
             raise BundleError(f"{where}: field `layers` must be sorted and unique, got {m.layers}")
         if any(layer < 0 or layer >= m.backbone.num_layers for layer in m.layers):
             raise BundleError(f"{where}: field `layers` {m.layers} outside 0..{m.backbone.num_layers - 1}")
-        if m.gate.layer >= m.backbone.num_layers:
-            raise BundleError(f"{where}: field `gate.layer` {m.gate.layer} >= num_layers {m.backbone.num_layers}")
+        if m.gate.layers[-1] >= m.backbone.num_layers:
+            raise BundleError(f"{where}: field `gate.layers` {m.gate.layers} reaches past num_layers "
+                              f"{m.backbone.num_layers}")
         if set(self.vectors) != set(m.layers):
             raise BundleError(
                 f"{where}: vectors for layers {sorted(self.vectors)} but field `layers` says {m.layers}"
@@ -230,17 +271,21 @@ class Bundle:
                 )
             if not bool(torch.isfinite(vec).all()):
                 raise BundleError(f"{where}: tensor `vector.{layer}` contains NaN or inf")
-        if sorted(self.gate_tensors) != sorted(m.gate.params):
-            raise BundleError(
-                f"{where}: gate tensors {sorted(self.gate_tensors)} but field `gate.params` says {m.gate.params}"
-            )
-        for name, tensor in self.gate_tensors.items():
-            if not bool(torch.isfinite(tensor).all()):
-                raise BundleError(f"{where}: tensor `gate.{name}` contains NaN or inf")
+        if sorted(self.gate_tensors) != m.gate.layers:
+            raise BundleError(f"{where}: gate tensors for layers {sorted(self.gate_tensors)} but field "
+                              f"`gate.layers` says {m.gate.layers}")
+        for layer, tensors in self.gate_tensors.items():
+            if sorted(tensors) != sorted(m.gate.params):
+                raise BundleError(f"{where}: gate tensors {sorted(tensors)} at layer {layer} but field "
+                                  f"`gate.params` says {m.gate.params}")
+            for name, tensor in tensors.items():
+                if not bool(torch.isfinite(tensor).all()):
+                    raise BundleError(f"{where}: tensor `{self._gate_key(layer, name)}` contains NaN or inf")
         if not (m.alpha == m.alpha and abs(m.alpha) != float("inf")):
             raise BundleError(f"{where}: field `alpha` is not finite")
 
-    def replaced(self, *, name: str | None = None, gate_tensors: Mapping[str, torch.Tensor] | None = None,
+    def replaced(self, *, name: str | None = None,
+                 gate_tensors: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
                  **manifest_fields: Any) -> Bundle:
         """A copy with some manifest fields changed (``name``: the policy name), tensors shared.
 
@@ -251,20 +296,27 @@ class Bundle:
         if name is not None:
             update["policy"] = self.manifest.policy.model_copy(update={"name": name})
         manifest = Manifest.model_validate(self.manifest.model_copy(update=update).model_dump())
+        tensors = self.gate_tensors if gate_tensors is None else gate_tensors
         bundle = replace(self, manifest=manifest,
-                         gate_tensors=dict(self.gate_tensors if gate_tensors is None else gate_tensors))
+                         gate_tensors={layer: dict(t) for layer, t in tensors.items()})
         bundle.check(f"<variant {bundle.name}>")
         return bundle
 
-    def gate(self, plugins: PluginManager | None = None) -> Gate:
-        """Instantiate the bundle's gate through the plugin registry."""
-        cls = (plugins or get_plugin_manager()).get("gate", self.manifest.gate.type)
-        return cls.from_tensors(self.gate_tensors, self.manifest.gate.config)
+    def gate(self, plugins: PluginManager | None = None) -> LayerGates:
+        """Instantiate the bundle's gate (one plugin instance per layer it reads)."""
+        spec = self.manifest.gate
+        cls = (plugins or get_plugin_manager()).get("gate", spec.type)
+        return LayerGates({layer: cls.from_tensors(self.gate_tensors[layer], config)
+                           for layer, config in zip(spec.layers, spec.configs, strict=True)})
 
     # -- disk -----------------------------------------------------------------------------
+    def _gate_key(self, layer: int, name: str) -> str:
+        """``gate.<name>`` for a gate read at one layer (as before format 1.3), else ``gate.<layer>.<name>``."""
+        return f"gate.{name}" if len(self.manifest.gate.layers) == 1 else f"gate.{layer}.{name}"
+
     def _tensor_dict(self) -> dict[str, torch.Tensor]:
         out = {f"vector.{layer}": vec for layer, vec in self.vectors.items()}
-        out.update({f"gate.{k}": v for k, v in self.gate_tensors.items()})
+        out.update({self._gate_key(layer, k): v for layer, t in self.gate_tensors.items() for k, v in t.items()})
         out.update({f"extra.{k}": v for k, v in self.extra_tensors.items()})
         return out
 
@@ -321,14 +373,18 @@ class Bundle:
         except (SafetensorError, ValueError) as exc:
             raise BundleError(f"{tensor_path}: not a readable safetensors file ({exc})") from None
         vectors: dict[int, torch.Tensor] = {}
-        gate_tensors: dict[str, torch.Tensor] = {}
+        gate_layers = manifest.gate.layers
+        gate_tensors: dict[int, dict[str, torch.Tensor]] = {layer: {} for layer in gate_layers}
         extra: dict[str, torch.Tensor] = {}
         for key, tensor in tensors.items():
             group, _, rest = key.partition(".")
             if group == "vector" and rest.isdigit():
                 vectors[int(rest)] = tensor.float()
-            elif group == "gate" and rest:
-                gate_tensors[rest] = tensor.float()
+            elif group == "gate" and rest and len(gate_layers) == 1:
+                gate_tensors[gate_layers[0]][rest] = tensor.float()
+            elif group == "gate" and rest.partition(".")[0] in {str(layer) for layer in gate_layers}:
+                layer, _, param = rest.partition(".")
+                gate_tensors[int(layer)][param] = tensor.float()
             elif group == "extra" and rest:
                 extra[rest] = tensor
             else:

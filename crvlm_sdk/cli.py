@@ -106,6 +106,7 @@ def _adapter_summary(cls: type) -> tuple[str, str, str]:
 def inspect(path: Annotated[Path, typer.Argument(help="bundle directory")]) -> None:
     """Pretty-print a bundle's manifest and tensors (validates schema and hash)."""
     from crvlm_sdk.bundle import Bundle
+    from crvlm_sdk.gating import describe_layers
 
     bundle = Bundle.load(path)
     m = bundle.manifest
@@ -122,13 +123,16 @@ def inspect(path: Annotated[Path, typer.Argument(help="bundle directory")]) -> N
         ("steering", f"layers {m.layers}, α={m.alpha:g}, operator {m.operator}, "
                      f"{'every token' if m.decode_steps is None else f'prompt + {m.decode_steps} generated tokens'}"),
         ("refused answers", m.response.describe()),
-        ("gate", f"{m.gate.type} at layer {m.gate.layer} "
-                 f"({'unsteered pre-pass' if m.needs_prepass else 'read in the same pass'}); config {m.gate.config}"),
+        ("gate", f"{m.gate.type} at {describe_layers(m.gate.layers)}"
+                 f"{' (log-odds averaged)' if len(m.gate.layers) > 1 else ''} "
+                 f"({'unsteered pre-pass' if m.needs_prepass else 'read in the same pass'}); "
+                 f"config {m.gate.configs[0] if len(m.gate.configs) == 1 else m.gate.configs}"),
         ("extraction", ", ".join(f"{k}={v}" for k, v in m.extraction.items()) or "-"),
         ("validation", ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                  for k, v in m.validation.items()) or "-"),
         ("vectors", ", ".join(f"{layer}: |v|={float(v.norm()):.3g}" for layer, v in sorted(bundle.vectors.items()))),
-        ("gate tensors", ", ".join(f"{k} {tuple(v.shape)}" for k, v in bundle.gate_tensors.items()) or "-"),
+        ("gate tensors", ", ".join(f"{k} {tuple(v.shape)}" for k, v in bundle.gate_tensors[m.gate.layers[0]].items())
+         + (f" at each of {len(m.gate.layers)} layers" if len(m.gate.layers) > 1 else "") if m.gate.params else "-"),
         ("format", f"{m.format_version} (crvlm {m.crvlm_version}), created {m.created}"),
         ("tensors sha256", m.tensors_sha256),
     ]
@@ -262,6 +266,8 @@ def build_bundle_cmd(
 
 
 def _print_build_summary(bundle: Any, path: Path) -> None:
+    from crvlm_sdk.gating import describe_layers
+
     m = bundle.manifest
     v = m.validation
     sweep = Table(title=f"candidates on the validation split ({v['n_out']} out-of-scope / {v['n_in']} in-scope)")
@@ -284,7 +290,7 @@ def _print_build_summary(bundle: Any, path: Path) -> None:
     steering = "none" if m.alpha == 0 else f"{m.layers} (α={m.alpha:.3g}, {m.operator}, {steps})"
     summary.add_row("steering layers", steering)
     summary.add_row("refused answers", m.response.describe())
-    summary.add_row("gate", f"{m.gate.type} at layer {m.gate.layer}: caught {v['gate_caught']:.0%} of "
+    summary.add_row("gate", f"{m.gate.type} at {describe_layers(m.gate.layers)}: caught {v['gate_caught']:.0%} of "
                             f"out-of-scope, flagged {v['gate_flagged']:.0%} of in-scope (validation)")
     keyword = "" if v.get("srs_keyword") is None else f" (keyword {v['srs_keyword']:.3f})"
     summary.add_row("validation", f"clean SRS {v['srs']:.3f}{keyword}  BRS {v['brs']:.3f}  MB {v['mb']:.3f} "

@@ -25,6 +25,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from crvlm_sdk.bundle import Bundle
+from crvlm_sdk.gating import describe_layers
 from crvlm_sdk.models import load_model
 from crvlm_sdk.steerer import Steerer
 
@@ -72,7 +73,8 @@ def run_demo(out: Path, *, max_new_tokens: int = 40, console: Console | None = N
     v = bundle.manifest.validation
     console.print(
         f"bundle saved to [cyan]{path}[/]: steer layers {bundle.manifest.layers}, α={bundle.manifest.alpha:.3g}, "
-        f"gate layer {bundle.manifest.gate.layer}; validation: {v['gate_caught']:.0%} of out-of-scope caught, "
+        f"gate at {describe_layers(bundle.manifest.gate.layers)}; "
+        f"validation: {v['gate_caught']:.0%} of out-of-scope caught, "
         f"{v['gate_flagged']:.0%} of in-scope flagged, clean refusals {v['srs']:.0%}"
     )
 
@@ -124,7 +126,8 @@ def run_vlm_demo(out: Path, *, max_new_tokens: int = 30, console: Console | None
     v = bundle.manifest.validation
     console.print(
         f"bundle saved to [cyan]{path}[/]: steer layers {bundle.manifest.layers}, α={bundle.manifest.alpha:.3g}, "
-        f"gate layer {bundle.manifest.gate.layer}, image weight {bundle.manifest.extraction['image_weight']}; "
+        f"gate at {describe_layers(bundle.manifest.gate.layers)}, "
+        f"image weight {bundle.manifest.extraction['image_weight']}; "
         f"validation: clean refusals {v['srs']:.0%} of star pictures, {v['brs']:.0%} of the others refused"
     )
     policy = Policy.load(policy_path)

@@ -50,8 +50,9 @@ SYSTEMS = (*BASELINES, *ABLATIONS)
 
 def without_gate(bundle: Bundle) -> Bundle:
     """The same vectors and response with the ``always`` gate: every input is refused."""
-    gate = GateSpec(type="always", layer=bundle.manifest.gate.layer, params=[], config={})
-    return bundle.replaced(gate=gate, gate_tensors={})
+    layer = bundle.manifest.gate.layers[-1]
+    gate = GateSpec(type="always", layers=[layer], params=[], configs=[{}])
+    return bundle.replaced(gate=gate, gate_tensors={layer: {}})
 
 
 def ablation(bundle: Bundle, name: str, *, opening: str, message: str) -> Bundle:
@@ -209,7 +210,7 @@ def evaluate(
                      "bundle_layers": bundle.manifest.layers, "bundle_alpha": bundle.manifest.alpha,
                      "bundle_operator": bundle.manifest.operator, "decode_steps": bundle.manifest.decode_steps,
                      "response": spec.model_dump(), "ablation_opening": opening, "ablation_message": message,
-                     "gate": f"{bundle.manifest.gate.type}@{bundle.manifest.gate.layer}"},
+                     "gate": f"{bundle.manifest.gate.type}@{','.join(map(str, bundle.manifest.gate.layers))}"},
     }
     logits = {name: got.first_logits for name, got in answers.items()}
     return judge_report(report, judge=judge, plugins=manager, first_logits=logits,

@@ -197,9 +197,18 @@ class Gate(ABC):
     def score(self, h: torch.Tensor) -> torch.Tensor:
         """``(B, H)`` activations -> ``(B,)`` float32 probabilities in ``[0, 1]``."""
 
+    def log_odds(self, h: torch.Tensor) -> torch.Tensor:
+        """``(B, H)`` -> ``(B,)`` float32 ``log(p / (1 - p))``.
+
+        A gate read at several layers averages its members' log-odds; gates that know their
+        logits exactly should return them (the default inverts :meth:`score`, which saturates).
+        """
+        return torch.logit(self.score(h).float(), eps=1e-6)
+
     @abstractmethod
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Learned parameters, saved in the bundle's safetensors file as ``gate.<name>``."""
+        """Learned parameters, saved in the bundle's safetensors file as ``gate.<name>``
+        (``gate.<layer>.<name>`` when the bundle reads its gate at several layers)."""
 
     def config(self) -> dict[str, Any]:
         """JSON-serialisable settings (threshold, temperature...), saved in the manifest."""

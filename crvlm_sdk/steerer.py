@@ -6,9 +6,11 @@ How a forward pass is steered (all hooks installed by :meth:`Steerer.apply`, rem
   or a *decoding step*, and at prefill computes each row's last real token from the
   attention mask (tensor ops, no host sync);
 - at prefill each bundle's gate reads ``h_g`` at that token and writes ``p`` into a
-  preallocated buffer with ``copy_``; decoding steps reuse the frozen value. If a gate layer
-  sits at or above any steering band, an unsteered *pre-pass* (stopped right after the gate
-  layer) reads the gate first, so gates always see the model they were trained on;
+  preallocated buffer with ``copy_``; decoding steps reuse the frozen value. A gate read at
+  several layers adds each layer's log-odds into a buffer and writes ``p`` at its last one.
+  If a gate layer sits at or above any steering band, an unsteered *pre-pass* (stopped right
+  after the last gate layer) reads the gate first, so gates always see the model they were
+  trained on;
 - every layer of a bundle's band adds ``scale[b] · v_l`` where ``scale = α·p·row_mask``;
 - a bundle whose manifest sets ``decode_steps = k`` steers the prompt and the first ``k``
   generated tokens only, then its ``scale`` is zeroed in place. On small models a push strong
@@ -43,6 +45,7 @@ from crvlm_sdk.backbones import adapter_for
 from crvlm_sdk.bundle import Bundle, ResponseSpec
 from crvlm_sdk.capture import Sample, capture, model_float_dtype, model_input_device
 from crvlm_sdk.errors import CrvlmError
+from crvlm_sdk.gating import LayerGates
 from crvlm_sdk.hooks import (
     HookSpec,
     StopForward,
@@ -52,7 +55,7 @@ from crvlm_sdk.hooks import (
     module_device_dtype,
     with_hidden,
 )
-from crvlm_sdk.interfaces import BackboneAdapter, Gate, ImageInput
+from crvlm_sdk.interfaces import BackboneAdapter, ImageInput
 from crvlm_sdk.plugins import PluginManager
 from crvlm_sdk.response import ResponseShaper, RowPlan, end_of_sequence_id, sentence_end_ids
 
@@ -68,7 +71,7 @@ class _Loaded:
     """One bundle prepared for a model: gate and vectors on the right devices."""
 
     bundle: Bundle
-    gate: Gate
+    gate: LayerGates
     gate_device: torch.device
     vectors: dict[int, torch.Tensor] = field(default_factory=dict)  # α·v_l on layer's device/dtype
     in_pass_gate: bool = True
@@ -76,6 +79,8 @@ class _Loaded:
     response: ResponseSpec = field(default_factory=ResponseSpec)
     # Per-row buffers, reallocated only when the batch size changes.
     p: torch.Tensor | None = None
+    #: sum of log-odds over the gate layers read so far (gates read at several layers)
+    log_odds: torch.Tensor | None = None
     row_mask: torch.Tensor | None = None
     scale: torch.Tensor | None = None
     #: (1, seq, 1) 0/1 per token when a ``decode_steps`` limit falls inside this call's tokens
@@ -170,15 +175,15 @@ class Steerer:
         lowest_band = min(min(item.bundle.manifest.layers) for item in self._loaded)
         for item in self._loaded:
             m = item.bundle.manifest
-            gate_device, _ = placement[m.gate.layer]
+            gate_device, _ = placement[m.gate.layers[-1]]
             item.gate = item.gate.to(gate_device)
             item.gate_device = gate_device
             item.vectors = {
                 layer: (m.alpha * vec).to(device=placement[layer][0], dtype=placement[layer][1])
                 for layer, vec in item.bundle.vectors.items()
             }
-            item.in_pass_gate = m.gate.layer < lowest_band
-            item.p = item.row_mask = item.scale = None
+            item.in_pass_gate = m.gate.layers[-1] < lowest_band
+            item.p = item.log_odds = item.row_mask = item.scale = None
         self._placed_for = placement
 
     # -- hooks ----------------------------------------------------------------------------
@@ -187,13 +192,14 @@ class Steerer:
         gate_layers: dict[int, list[_Loaded]] = {}
         band_layers: dict[int, list[_Loaded]] = {}
         for item in self._loaded:
-            gate_layers.setdefault(item.bundle.manifest.gate.layer, []).append(item)
+            for layer in item.gate.layers:
+                gate_layers.setdefault(layer, []).append(item)
             if not item.response.steers:
                 continue  # template answers need the gate only
             for layer in item.bundle.manifest.layers:
                 band_layers.setdefault(layer, []).append(item)
         prepass_items = [item for item in self._loaded if not item.in_pass_gate]
-        self._prepass_stop = max((i.bundle.manifest.gate.layer for i in prepass_items), default=-1)
+        self._prepass_stop = max((i.gate.last_layer for i in prepass_items), default=-1)
         for layer in sorted(set(gate_layers) | set(band_layers)):
             specs.append(
                 HookSpec(self._layers[layer], self._make_layer_hook(layer, gate_layers.get(layer, []),
@@ -210,12 +216,12 @@ class Steerer:
         def hook(module: torch.nn.Module, args: tuple, output: Any) -> Any:
             if state.in_prepass:
                 if pre:
-                    self._read_gates(pre, layer_hidden(output))
+                    self._read_gates(pre, layer, layer_hidden(output))
                 if stop_here:
                     raise StopForward
                 return None
             if state.prefill and in_pass:
-                self._read_gates(in_pass, layer_hidden(output))
+                self._read_gates(in_pass, layer, layer_hidden(output))
             if not band:
                 return None
             h = layer_hidden(output)
@@ -225,11 +231,23 @@ class Steerer:
 
         return hook
 
-    def _read_gates(self, items: list[_Loaded], h: torch.Tensor) -> None:
+    def _read_gates(self, items: list[_Loaded], layer: int, h: torch.Tensor) -> None:
+        """Read each item's gate at ``layer``; ``p`` is written once its last gate layer is read."""
         last = self._state.last_index.to(h.device)
         rows = h[torch.arange(h.shape[0], device=h.device), last]
         for item in items:
-            p = item.gate.score(rows.to(item.gate_device))
+            gate, here = item.gate, rows.to(item.gate_device)
+            if len(gate.layers) == 1:
+                p = gate.gates[layer].score(here)
+            else:
+                log_odds = gate.log_odds(layer, here)
+                if layer == gate.layers[0]:
+                    item.log_odds.copy_(log_odds)
+                else:
+                    item.log_odds.add_(log_odds)
+                if layer != gate.last_layer:
+                    continue
+                p = gate.combine(item.log_odds)
             item.p.copy_(p)
             item.scale.copy_(p * item.row_mask)
 
@@ -297,6 +315,7 @@ class Steerer:
                 # Normal (not inference-mode) tensors: they outlive the call that made them.
                 with torch.inference_mode(False):
                     item.p = torch.zeros(batch, dtype=torch.float32, device=item.gate_device)
+                    item.log_odds = torch.zeros(batch, dtype=torch.float32, device=item.gate_device)
                     item.row_mask = torch.ones(batch, dtype=torch.float32, device=item.gate_device)
                     item.scale = torch.zeros(batch, dtype=torch.float32, device=item.gate_device)
             item.row_mask.copy_(selection[i] if selection is not None else torch.ones(batch))
@@ -473,12 +492,13 @@ class Steerer:
             questions = [questions]
         image_rows = list(images) if images is not None else [None] * len(questions)
         samples = [Sample(q, img) for q, img in zip(questions, image_rows, strict=True)]
-        layers = sorted({item.bundle.manifest.gate.layer for item in self._loaded})
+        layers = sorted({layer for item in self._loaded for layer in item.gate.layers})
         stats = capture(
             self.adapter, samples, layers, system=system, batch_size=batch_size, keep=True, progress=False
         )
         return {
-            item.name: item.gate.score(stats.rows(item.bundle.manifest.gate.layer).to(item.gate_device)).cpu()
+            item.name: item.gate.score({layer: stats.rows(layer).to(item.gate_device)
+                                        for layer in item.gate.layers}).cpu()
             for item in self._loaded
         }
 

@@ -64,8 +64,11 @@ class ProbeGate(Gate):
         z = (h.float() - self.mean) / self.std
         return z @ self.weight + self.bias
 
+    def log_odds(self, h: torch.Tensor) -> torch.Tensor:
+        return (self.logits(h) - self.threshold) / self.temperature
+
     def score(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid((self.logits(h) - self.threshold) / self.temperature)
+        return torch.sigmoid(self.log_odds(h))
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"weight": self.weight, "bias": self.bias, "mean": self.mean, "std": self.std}

@@ -160,8 +160,10 @@ def test_build_is_deterministic(tiny_llama_dir, small_policy):
     assert stable(a.validation) == stable(b.validation)
     for layer in a.layers:
         assert torch.equal(bundles[0].vectors[layer], bundles[1].vectors[layer])
-    for name in bundles[0].gate_tensors:
-        assert torch.equal(bundles[0].gate_tensors[name], bundles[1].gate_tensors[name])
+    assert bundles[0].gate_tensors.keys() == bundles[1].gate_tensors.keys()
+    for layer, tensors in bundles[0].gate_tensors.items():
+        for name, tensor in tensors.items():
+            assert torch.equal(bundles[1].gate_tensors[layer][name], tensor)
 
 
 def test_build_extracts_vectors_only_where_the_locator_may_steer(tiny_llama_dir, small_policy, monkeypatch):
@@ -226,3 +228,26 @@ def test_rejudge_rescores_stored_answers(tiny_llama_dir, small_policy, tmp_path)
     assert again["bundle"]["refused_out"] == sum(s["refused"]["bundle"] for s in again["samples"] if not s["in_scope"])
     missing = runner.invoke(app, ["rejudge", str(tmp_path / "nowhere")])
     assert missing.exit_code == 1 and "not found" in missing.output
+
+
+@pytest.mark.parametrize("ensemble", [True, False])
+def test_gate_keeps_every_layer_tied_best_on_validation(tiny_llama, small_policy, ensemble):
+    from crvlm_sdk.build import BuildOptions, fit_gate
+    from crvlm_sdk.plugins import get_plugin_manager
+    from crvlm_sdk.policy import Policy
+
+    _, _, adapter = tiny_llama
+    data = Policy.load(small_policy).load_data()
+    options = BuildOptions(gate_layers=list(range(adapter.num_layers)), gate_ensemble=ensemble, batch_size=4)
+    fit = fit_gate(adapter, data, options, plugins=get_plugin_manager(), progress=False)
+    margins = {row["layer"]: row["caught"] - row["flagged"] for row in fit.table}
+    tied = [layer for layer, m in margins.items() if m == max(margins.values())]
+    assert len(tied) > 1, "the test needs a tie"
+    assert fit.gate.layers == (tied if ensemble else tied[:1])
+    assert [row["layer"] for row in fit.table if row["kept"]] == fit.gate.layers
+    v_in = len(data.val_in)
+    p = fit.val_p
+    assert (fit.caught, fit.flagged) == (float((p[v_in:] > 0.5).float().mean()), float((p[:v_in] > 0.5).float().mean()))
+    # the kept gate averages the members' log-odds
+    log_odds = torch.stack([fit.per_layer[layer].log_odds(fit.val_rows[layer]) for layer in fit.gate.layers])
+    torch.testing.assert_close(p, torch.sigmoid(log_odds.mean(0)))

@@ -39,9 +39,9 @@ def test_roundtrip_is_bit_exact(saved):
     assert loaded.vectors.keys() == bundle.vectors.keys()
     for layer, vec in bundle.vectors.items():
         assert torch.equal(loaded.vectors[layer], vec)
-    for name, tensor in bundle.gate_tensors.items():
-        assert torch.equal(loaded.gate_tensors[name], tensor)
-    h = torch.randn(5, adapter.hidden_size)
+    for name, tensor in bundle.gate_tensors[0].items():
+        assert torch.equal(loaded.gate_tensors[0][name], tensor)
+    h = {0: torch.randn(5, adapter.hidden_size)}
     assert torch.equal(loaded.gate().score(h), bundle.gate().score(h))
     assert sorted(p.name for p in path.parent.iterdir()) == ["bundle"], "no temporary files left behind"
 
@@ -78,8 +78,44 @@ def test_malformed_json_is_refused(saved):
 def test_wrong_field_type_names_the_field(saved):
     _, path, _ = saved
     gate = json.loads((path / MANIFEST).read_text())["gate"]
-    edit_manifest(path, gate={**gate, "layer": "deep"})
-    with pytest.raises(BundleError, match=r"field `gate\.layer`"):
+    edit_manifest(path, gate={**gate, "layers": ["deep"]})
+    with pytest.raises(BundleError, match=r"field `gate\.layers\.0`"):
+        Bundle.load(path)
+
+
+def test_format_1_2_gate_at_one_layer_still_loads(saved):
+    bundle, path, adapter = saved
+    gate = json.loads((path / MANIFEST).read_text())["gate"]
+    old = {"type": gate["type"], "layer": gate["layers"][0], "params": gate["params"], "config": gate["configs"][0]}
+    edit_manifest(path, format_version="1.2", gate=old)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BundleWarning)
+        loaded = Bundle.load(path, adapter=adapter)
+    assert loaded.manifest.gate == bundle.manifest.gate
+    h = {0: torch.randn(5, adapter.hidden_size)}
+    assert torch.equal(loaded.gate().score(h), bundle.gate().score(h))
+
+
+def test_gate_read_at_several_layers_round_trips(tiny_llama, tmp_path):
+    _, _, adapter = tiny_llama
+    bundle = make_bundle(adapter, layers=(3,), gate_layer=(0, 2))
+    path = bundle.save(tmp_path / "b")
+    loaded = Bundle.load(path, adapter=adapter)
+    assert loaded.manifest.gate.layers == [0, 2] and len(loaded.manifest.gate.configs) == 2
+    assert sorted(loaded.gate_tensors) == [0, 2]
+    for layer in (0, 2):
+        for name, tensor in bundle.gate_tensors[layer].items():
+            assert torch.equal(loaded.gate_tensors[layer][name], tensor)
+    h = {0: torch.randn(5, adapter.hidden_size), 2: torch.randn(5, adapter.hidden_size)}
+    assert torch.equal(loaded.gate().score(h), bundle.gate().score(h))
+
+
+def test_gate_tensors_missing_a_layer_are_refused(tiny_llama, tmp_path):
+    _, _, adapter = tiny_llama
+    path = make_bundle(adapter, layers=(3,), gate_layer=(0, 2)).save(tmp_path / "b")
+    gate = json.loads((path / MANIFEST).read_text())["gate"]
+    edit_manifest(path, gate={**gate, "layers": [0, 1, 2], "configs": [*gate["configs"], gate["configs"][0]]})
+    with pytest.raises(BundleError, match=r"gate tensors \[\] at layer 1 but field `gate\.params` says"):
         Bundle.load(path)
 
 

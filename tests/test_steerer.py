@@ -44,8 +44,9 @@ def _hand_logits(model, adapter, batch: PromptBatch, bundles, selection=None) ->
     try:
         for i, bundle in enumerate(bundles):
             m = bundle.manifest
-            h_g = ref.hidden_states[m.gate.layer + 1][rows, batch.last_prompt_index]
-            p = bundle.gate().score(h_g)
+            gates = bundle.gate().gates
+            log_odds = [gates[g].log_odds(ref.hidden_states[g + 1][rows, batch.last_prompt_index]) for g in gates]
+            p = torch.sigmoid(torch.stack(log_odds).mean(0))
             if selection is not None:
                 p = p * selection[i]
             for layer in m.layers:
@@ -70,7 +71,7 @@ def test_steered_layer_output_is_h_plus_alpha_p_v(tiny):
     with torch.no_grad():
         ref = model(**batch.inputs, output_hidden_states=True)
     rows = torch.arange(batch.batch_size)
-    p = bundle.gate().score(ref.hidden_states[1][rows, batch.last_prompt_index])
+    p = bundle.gate().score({0: ref.hidden_states[1][rows, batch.last_prompt_index]})
     assert p.std() > 0.01, "test needs per-row gates that differ"
     seen = {}
     steerer = steerer_for(adapter, bundle)
@@ -107,6 +108,29 @@ def test_gate_above_band_uses_unsteered_prepass(tiny):
     torch.testing.assert_close(steered, _hand_logits(model, adapter, batch, [bundle]), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize(("gate_layers", "band"), [((0, 1), (2, 3)), ((0, 2), (1,))])
+def test_gate_read_at_several_layers_averages_their_log_odds(tiny, gate_layers, band):
+    """In the same pass (gate layers below the band) and through the pre-pass (above it)."""
+    model, _, adapter = tiny
+    bundle = make_bundle(adapter, layers=band, gate_layer=gate_layers, alpha=3.0)
+    assert bundle.manifest.needs_prepass == (max(gate_layers) >= min(band))
+    batch = _batch(adapter)
+    with steerer_for(adapter, bundle).apply(), torch.no_grad():
+        steered = model(**batch.inputs).logits
+    torch.testing.assert_close(steered, _hand_logits(model, adapter, batch, [bundle]), rtol=1e-4, atol=1e-4)
+    one = make_bundle(adapter, layers=band, gate_layer=gate_layers[0], alpha=3.0)
+    with steerer_for(adapter, one).apply(), torch.no_grad():
+        assert (model(**batch.inputs).logits - steered).abs().max() > 1e-4, "the second gate layer must count"
+    scores = steerer_for(adapter, bundle).gate_scores(QUESTIONS, _images(adapter, len(QUESTIONS)))["test"]
+    with torch.no_grad():
+        ref = model(**batch.inputs, output_hidden_states=True)
+    rows = torch.arange(batch.batch_size)
+    gates = bundle.gate().gates
+    by_hand = torch.sigmoid(torch.stack([gates[g].log_odds(ref.hidden_states[g + 1][rows, batch.last_prompt_index])
+                                         for g in gate_layers]).mean(0))
+    torch.testing.assert_close(scores, by_hand, rtol=1e-5, atol=1e-5)
+
+
 def test_batched_equals_unbatched(tiny):
     model, _, adapter = tiny
     bundle = make_bundle(adapter, layers=(1, 2), gate_layer=0, alpha=3.0)
@@ -131,7 +155,7 @@ def test_gate_scores_match_manual_probe(tiny):
         ref = model(**batch.inputs, output_hidden_states=True)
     h = ref.hidden_states[2][torch.arange(batch.batch_size), batch.last_prompt_index]
     got = steerer_for(adapter, bundle).gate_scores(QUESTIONS, _images(adapter, len(QUESTIONS)))["test"]
-    torch.testing.assert_close(got, bundle.gate().score(h), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, bundle.gate().score({1: h}), rtol=1e-5, atol=1e-5)
 
 
 def test_multi_tenant_rows_select_bundles(tiny_llama):
@@ -306,7 +330,7 @@ def test_vectors_follow_layer_dtype(tiny_llama):
         pass
     item = steerer._loaded[0]
     assert all(v.dtype == torch.bfloat16 for v in item.vectors.values())
-    assert item.gate.tensors()["weight"].dtype == torch.float32
+    assert item.gate.gates[0].tensors()["weight"].dtype == torch.float32
     out = steerer.generate(QUESTIONS[:2], max_new_tokens=3)
     assert len(out) == 2
 
