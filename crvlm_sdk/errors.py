@@ -40,3 +40,7 @@ class ModelLoadError(CrvlmError):
     """A model directory or GGUF file cannot be found or loaded."""
 
     exit_code = 6
+
+
+class PolicyError(CrvlmError):
+    """A policy file or one of its data files is wrong."""

@@ -32,18 +32,14 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from crvlm_sdk.errors import CrvlmError
-from crvlm_sdk.interfaces import Sample
+from crvlm_sdk.errors import PolicyError
+from crvlm_sdk.types import Sample
 
 DEFAULT_INSTRUCTION = "Say 'Sorry, I cannot answer that question.' if the question is NOT about {subject}."
 DEFAULT_OPENING = "I'm sorry, but"
 DEFAULT_MESSAGE = "I'm sorry, but I can only help with {subject}."
 _PLACEHOLDERS = {"subject", "name", "description"}
 MIN_SPLIT = 4  # fewer examples than this per class in a split cannot train or calibrate anything
-
-
-class PolicyError(CrvlmError):
-    """A policy file or one of its data files is wrong."""
 
 
 class Policy(BaseModel):

@@ -15,8 +15,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, ClassVar
 
+from crvlm_sdk.components import CandidateEvaluator, LayerLocator
 from crvlm_sdk.errors import CrvlmError
-from crvlm_sdk.interfaces import Candidate, CandidateEvaluator, LayerChoice, LayerLocator
+from crvlm_sdk.types import Candidate, LayerChoice
 
 #: (band width, relative strengths to try) per operator; wider bands need less per layer.
 DEFAULT_GRID: tuple[tuple[int, tuple[float, ...]], ...] = (

@@ -31,7 +31,8 @@ import torch
 from safetensors.torch import save_file
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from crvlm_sdk import demo_vlm, shapes
+from crvlm_sdk.demo import shapes
+from crvlm_sdk.demo import vlm as demo_vlm
 
 OUT = Path(__file__).resolve().parent.parent / "crvlm_sdk" / "data" / "demo_vlm"
 MEAN = torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1)  # CLIPImageProcessor's defaults

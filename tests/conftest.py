@@ -12,7 +12,7 @@ import torch
 
 from crvlm_plugins.gates import ProbeGate
 from crvlm_sdk import Bundle, LayerGates, Sample, Steerer, adapter_for, capture, load_model, testing
-from crvlm_sdk.models import find_smollm2_gguf
+from crvlm_sdk.models.loading import find_smollm2_gguf
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

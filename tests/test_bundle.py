@@ -10,7 +10,7 @@ import torch
 from conftest import make_bundle
 
 from crvlm_sdk import Bundle, BundleError, BundleWarning, adapter_for, load_model
-from crvlm_sdk.bundle import MANIFEST, TENSORS
+from crvlm_sdk.bundle.manifest import MANIFEST, TENSORS
 
 
 def edit_manifest(path, **changes) -> None:
@@ -157,7 +157,7 @@ def test_format_1_0_bundle_without_decode_steps_steers_every_token(saved):
 
 
 def test_response_settings_round_trip(tiny_llama, tmp_path):
-    from crvlm_sdk.bundle import ResponseSpec
+    from crvlm_sdk.bundle.manifest import ResponseSpec
 
     _, _, adapter = tiny_llama
     spec = ResponseSpec(opening="I'm sorry, but", stop_sentences=1, message="No.", threshold=0.6)
@@ -249,7 +249,7 @@ def test_failed_save_leaves_nothing(tiny_llama, tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("crvlm_sdk.bundle.Manifest.model_dump_json", boom)
+    monkeypatch.setattr("crvlm_sdk.bundle.manifest.Manifest.model_dump_json", boom)
     with pytest.raises(OSError, match="disk full"):
         bundle.save(tmp_path / "b")
     assert list(tmp_path.iterdir()) == []

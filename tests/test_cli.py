@@ -8,8 +8,8 @@ import pytest
 from conftest import make_bundle
 from typer.testing import CliRunner
 
-from crvlm_sdk.bundle import MANIFEST, TENSORS
-from crvlm_sdk.cli import app
+from crvlm_sdk.bundle.manifest import MANIFEST, TENSORS
+from crvlm_sdk.cli.app import app
 
 runner = CliRunner()
 

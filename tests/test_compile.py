@@ -47,7 +47,7 @@ def test_static_cache_compiled_generate_matches_eager(tiny_llama):
 
 def test_response_shaping_under_compiled_decoding(tiny_llama):
     """The shaper reads the gate buffers from a logits processor: compiled decoding changes nothing."""
-    from crvlm_sdk.bundle import ResponseSpec
+    from crvlm_sdk.bundle.manifest import ResponseSpec
 
     model, _, adapter = tiny_llama
     bundle = make_bundle(adapter, layers=(1, 2), gate_layer=0, alpha=8.0, seed=0)

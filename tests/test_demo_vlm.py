@@ -9,7 +9,8 @@ import torch
 from conftest import make_bundle, needs_smollm2
 from safetensors.torch import load_file
 
-from crvlm_sdk import Bundle, adapter_for, demo_vlm, load_model
+from crvlm_sdk import Bundle, adapter_for, load_model
+from crvlm_sdk.demo import vlm as demo_vlm
 from crvlm_sdk.errors import BundleError, CrvlmError
 
 pytestmark = needs_smollm2
@@ -69,7 +70,7 @@ def test_training_module_computes_llava_image_features(demo) -> None:
     side = demo_vlm.VisionSide(model.config)
     side.load_state_dict({k: v.float() for k, v in load_file(str(demo_vlm.weights_path())).items()})
     side.eval()
-    from crvlm_sdk import shapes
+    from crvlm_sdk.demo import shapes
 
     images = [img for img, _ in shapes.make_scenes(demo_vlm.CHECK_SEED + 99, 3)]
     pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
@@ -111,7 +112,7 @@ def test_bundle_for_the_demo_vlm_is_refused_by_other_models(demo, smollm2, tmp_p
 def test_cli_refuses_to_overwrite_with_one_line(demo_dir: Path) -> None:
     from typer.testing import CliRunner
 
-    from crvlm_sdk.cli import app
+    from crvlm_sdk.cli.app import app
 
     result = CliRunner().invoke(app, ["demo-model", "--out", str(demo_dir)])
     assert result.exit_code == 1

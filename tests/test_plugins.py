@@ -13,7 +13,7 @@ from conftest import make_bundle, pip_install_into
 
 from crvlm_plugins.gates import AlwaysGate
 from crvlm_sdk import PluginError, PluginManager, Steerer
-from crvlm_sdk.plugins import KINDS
+from crvlm_sdk.plugins.manager import KINDS
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "crvlm-cosine-gate"
 

@@ -7,9 +7,9 @@ import torch
 from conftest import make_bundle, steerer_for
 
 from crvlm_sdk import CrvlmError, Steerer
-from crvlm_sdk import hooks as hooks_module
-from crvlm_sdk.hooks import layer_hidden
-from crvlm_sdk.interfaces import PromptBatch
+from crvlm_sdk.activations import hooks as hooks_module
+from crvlm_sdk.activations.hooks import layer_hidden
+from crvlm_sdk.types import PromptBatch
 
 QUESTIONS = [
     "What is the capital of France?",

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from crvlm_sdk.shape_policies import write_no_red, write_no_stars, write_shape_qa
+from crvlm_sdk.demo.shape_policies import write_no_red, write_no_stars, write_shape_qa
 
 HERE = Path(__file__).resolve().parent
 GENERAL = HERE / "shape-qa" / "general_questions.json"

@@ -18,10 +18,10 @@ import tempfile
 import time
 
 from crvlm_sdk import Sample, Steerer, load_model
-from crvlm_sdk.bundle import Bundle
-from crvlm_sdk.evaluate import System, run_systems
-from crvlm_sdk.plugins import get_plugin_manager
-from crvlm_sdk.shape_policies import write_star_pictures
+from crvlm_sdk.bundle.artifact import Bundle
+from crvlm_sdk.demo.shape_policies import write_star_pictures
+from crvlm_sdk.evaluation.evaluate import System, run_systems
+from crvlm_sdk.plugins.manager import get_plugin_manager
 
 
 def main() -> None:

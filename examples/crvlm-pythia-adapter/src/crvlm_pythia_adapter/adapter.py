@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import torch
 
 from crvlm_sdk import AdapterError, BackboneAdapter
-from crvlm_sdk.interfaces import ImageInput
+from crvlm_sdk.types import ImageInput
 
 
 class PythiaAdapter(BackboneAdapter):

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from crvlm_sdk import shapes
+from crvlm_sdk.demo import shapes
 
 N_TRAIN, N_TEST = 200, 70  # per side
 

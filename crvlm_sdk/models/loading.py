@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from crvlm_sdk.errors import ModelLoadError
-from crvlm_sdk.processors import load_processor
+from crvlm_sdk.models.processors import load_processor
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

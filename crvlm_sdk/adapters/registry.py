@@ -6,9 +6,9 @@ from typing import Any
 
 import torch
 
+from crvlm_sdk.adapters.base import BackboneAdapter
 from crvlm_sdk.errors import AdapterError
-from crvlm_sdk.interfaces import BackboneAdapter
-from crvlm_sdk.plugins import PluginManager, get_plugin_manager
+from crvlm_sdk.plugins.manager import PluginManager, get_plugin_manager
 
 
 def adapter_for(

@@ -24,10 +24,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from crvlm_sdk.bundle import Bundle
-from crvlm_sdk.gating import describe_layers
-from crvlm_sdk.models import load_model
-from crvlm_sdk.steerer import Steerer
+from crvlm_sdk.bundle.artifact import Bundle
+from crvlm_sdk.bundle.gates import describe_layers
+from crvlm_sdk.models.loading import load_model
+from crvlm_sdk.steering.steerer import Steerer
 
 #: Text demo settings: rotation at layer 6, what the sweep chose on the example text policies.
 BAND = [6]
@@ -36,11 +36,11 @@ GATE_LAYERS = (18, 20, 22, 24, 27)
 
 
 def demo_policy() -> dict[str, Any]:
-    return json.loads(resources.files("crvlm_sdk").joinpath("data/demo_cooking.json").read_text())
+    return json.loads(resources.files("crvlm_sdk.demo").joinpath("data/demo_cooking.json").read_text())
 
 
 def _fixed_options(band: list[int], strength: float, gate_layers: tuple[int, ...]) -> Any:
-    from crvlm_sdk.build import BuildOptions
+    from crvlm_sdk.build.options import BuildOptions
 
     return BuildOptions(locator="fixed", locator_options={"band": band, "strength": strength},
                         operator="rotation", decode_steps=8, gate_layers=gate_layers, mode="steer", stop_sentences=1)
@@ -57,7 +57,7 @@ def _explain(console: Console, bundle: Bundle) -> None:
 
 
 def run_demo(out: Path, *, max_new_tokens: int = 40, console: Console | None = None) -> Path:
-    from crvlm_sdk.build import build_bundle
+    from crvlm_sdk.build.pipeline import build_bundle
     from crvlm_sdk.policy import Policy
 
     console = console or Console()
@@ -105,10 +105,10 @@ VLM_TRAIN_PER_SIDE = 60
 
 def run_vlm_demo(out: Path, *, max_new_tokens: int = 30, console: Console | None = None) -> Path:
     """Demo VLM + ``no-stars`` bundle + a table of pictures answered without and with it."""
-    from crvlm_sdk import demo_vlm
-    from crvlm_sdk.build import build_bundle
+    from crvlm_sdk.build.pipeline import build_bundle
+    from crvlm_sdk.demo import vlm as demo_vlm
+    from crvlm_sdk.demo.shape_policies import write_no_stars
     from crvlm_sdk.policy import Policy, read_jsonl
-    from crvlm_sdk.shape_policies import write_no_stars
 
     console = console or Console()
     start = time.perf_counter()

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor
 
+from crvlm_sdk.adapters.base import BackboneAdapter
 from crvlm_sdk.errors import CrvlmError
-from crvlm_sdk.interfaces import BackboneAdapter
 
 #: a token that ends a sentence: its text ends with . ! or ? (closing quotes and brackets
 #: allowed after), or it holds a line break; list markers such as "1." do not count

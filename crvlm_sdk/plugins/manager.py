@@ -15,16 +15,10 @@ from typing import Any
 
 import pluggy
 
-from crvlm_sdk import hookspecs
+from crvlm_sdk.adapters.base import BackboneAdapter
+from crvlm_sdk.components import Gate, LayerLocator, RefusalJudge, VectorExtractor, VisualAligner
 from crvlm_sdk.errors import PluginError
-from crvlm_sdk.interfaces import (
-    BackboneAdapter,
-    Gate,
-    LayerLocator,
-    RefusalJudge,
-    VectorExtractor,
-    VisualAligner,
-)
+from crvlm_sdk.plugins import hookspecs
 
 #: kind -> (hook name, required base class)
 KINDS: dict[str, tuple[str, type]] = {

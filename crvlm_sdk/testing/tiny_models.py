@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from crvlm_sdk.errors import CrvlmError
-from crvlm_sdk.processors import image_only_processor_class
+from crvlm_sdk.models.processors import image_only_processor_class
 
 HIDDEN = 64
 LAYERS = 2

@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
+from crvlm_sdk.adapters.templates import CHATML_VLM
 from crvlm_sdk.errors import CrvlmError, ModelLoadError
-from crvlm_sdk.models import find_smollm2_gguf
-from crvlm_sdk.templates import CHATML_VLM
+from crvlm_sdk.models.loading import find_smollm2_gguf
 
 IMAGE_TOKEN = "<image>"
 #: Vision tower shape: 64-pixel pictures in 16-pixel patches, so 16 image tokens per picture.
@@ -50,7 +50,7 @@ SHAPE_QUESTION = "What shape is this?"
 
 
 def weights_path() -> Path:
-    return Path(str(files("crvlm_sdk") / "data" / "demo_vlm" / "vision.safetensors"))
+    return Path(str(files("crvlm_sdk.demo") / "data" / "demo_vlm" / "vision.safetensors"))
 
 
 def load_smollm2() -> tuple[torch.nn.Module, Any]:
@@ -205,8 +205,8 @@ def description_embeddings(embed: torch.Tensor, tokenizer: Any, sentences: Seque
 def answer(model: torch.nn.Module, processor: Any, questions: Sequence[str], images: Sequence[Any],
            *, max_new_tokens: int = 16, batch_size: int = 25) -> list[str]:
     """Greedy answers through crvlm's own prompt builder (the path extraction and steering use)."""
-    from crvlm_sdk.backbones import adapter_for
-    from crvlm_sdk.prompts import build_prompt_batch
+    from crvlm_sdk.adapters.batching import build_prompt_batch
+    from crvlm_sdk.adapters.registry import adapter_for
 
     adapter = adapter_for(model, processor)
     tokenizer = getattr(processor, "tokenizer", processor)
@@ -226,7 +226,7 @@ def check_answers(model: torch.nn.Module, processor: Any, *, n: int = 200, seed:
     With ``blank=True`` every picture is replaced by an empty one of the same background: the
     control that shows the answers come from the image (expect chance level, 1/6 and 1/5).
     """
-    from crvlm_sdk import shapes
+    from crvlm_sdk.demo import shapes
 
     drawn = shapes.make_scenes(seed, n)
     images = [shapes.blank_image(s.background) if blank else img for img, s in drawn]
@@ -245,7 +245,7 @@ def _mentions(text: str, word: str, plural_ok: bool) -> bool:
     """Whether the answer names ``word`` (and no other colour/shape of the same kind first)."""
     import re
 
-    from crvlm_sdk import shapes
+    from crvlm_sdk.demo import shapes
 
     vocabulary = shapes.SHAPES if plural_ok else tuple(shapes.COLOURS)
     found = [m.group(1) for m in re.finditer(r"\b(" + "|".join(vocabulary) + r")(?:e?s)?\b", text.lower())]

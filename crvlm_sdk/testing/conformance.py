@@ -36,13 +36,14 @@ from typing import Any, NoReturn
 
 import torch
 
-from crvlm_sdk.backbones import adapter_for
-from crvlm_sdk.bundle import Bundle
-from crvlm_sdk.capture import Sample, capture
-from crvlm_sdk.hooks import HookSpec, StopForward, hooks_installed, layer_hidden, with_hidden
-from crvlm_sdk.interfaces import BackboneAdapter, PromptBatch
-from crvlm_sdk.plugins import PluginManager
-from crvlm_sdk.prompts import text_config
+from crvlm_sdk.activations.capture import Sample, capture
+from crvlm_sdk.activations.hooks import HookSpec, StopForward, hooks_installed, layer_hidden, with_hidden
+from crvlm_sdk.adapters.base import BackboneAdapter
+from crvlm_sdk.adapters.batching import text_config
+from crvlm_sdk.adapters.registry import adapter_for
+from crvlm_sdk.bundle.artifact import Bundle
+from crvlm_sdk.plugins.manager import PluginManager
+from crvlm_sdk.types import PromptBatch
 
 #: questions of different lengths, so left padding differs by row
 QUESTIONS = (
@@ -73,7 +74,7 @@ def default_test_images(sizes: Sequence[tuple[int, int]] = IMAGE_SIZES, seed: in
 
 
 def _default_reload(path: Path) -> tuple[torch.nn.Module, Any]:
-    from crvlm_sdk.models import load_model
+    from crvlm_sdk.models.loading import load_model
 
     return load_model(path)
 
@@ -276,7 +277,7 @@ def check_prompts_identical_for_extraction_and_generation(subject: ConformanceSu
             h = kwargs.get("hidden_states", args[0] if args else None)
             seen["<residual stream>"] = h.detach().float().cpu().clone()
 
-    from crvlm_sdk.steerer import Steerer
+    from crvlm_sdk.steering.steerer import Steerer
 
     bundle = _random_bundle(adapter, gate_layer=0, band=[adapter.num_layers - 1])
     steerer = Steerer(adapter, [bundle], plugins=subject.plugins)
@@ -444,7 +445,7 @@ def check_cached_generation_equals_uncached(subject: ConformanceSubject) -> dict
     unsteered gate pre-pass (gate layer at the top of the band); each must also differ from
     unsteered generation, or the comparison would prove nothing.
     """
-    from crvlm_sdk.steerer import Steerer
+    from crvlm_sdk.steering.steerer import Steerer
 
     name = "cached_equals_uncached"
     adapter = subject.adapter

@@ -22,9 +22,9 @@ from typing import Any, ClassVar
 
 import torch
 
+from crvlm_sdk.adapters.chat import ChatTemplateAdapter
 from crvlm_sdk.errors import AdapterError
-from crvlm_sdk.interfaces import ImageInput
-from crvlm_sdk.prompts import ChatTemplateAdapter
+from crvlm_sdk.types import ImageInput
 
 
 def _as_list(image: ImageInput | Sequence[ImageInput] | None) -> list[Any]:

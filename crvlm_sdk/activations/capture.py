@@ -25,9 +25,10 @@ from rich import get_console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from transformers import DynamicCache
 
+from crvlm_sdk.activations.hooks import HookSpec, StopForward, hooks_installed, layer_hidden
+from crvlm_sdk.adapters.base import BackboneAdapter
 from crvlm_sdk.errors import CrvlmError
-from crvlm_sdk.hooks import HookSpec, StopForward, hooks_installed, layer_hidden
-from crvlm_sdk.interfaces import BackboneAdapter, PromptBatch, Sample
+from crvlm_sdk.types import PromptBatch, Sample
 
 Position = Literal["last_prompt", "prefix_last", "prefix_mean"]
 logger = logging.getLogger(__name__)

@@ -41,12 +41,8 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from crvlm_sdk.backbones import adapter_for
-from crvlm_sdk.bundle import Bundle, ResponseSpec
-from crvlm_sdk.capture import Sample, capture, model_float_dtype, model_input_device
-from crvlm_sdk.errors import CrvlmError
-from crvlm_sdk.gating import LayerGates
-from crvlm_sdk.hooks import (
+from crvlm_sdk.activations.capture import Sample, capture, model_float_dtype, model_input_device
+from crvlm_sdk.activations.hooks import (
     HookSpec,
     StopForward,
     hooks_installed,
@@ -55,9 +51,15 @@ from crvlm_sdk.hooks import (
     module_device_dtype,
     with_hidden,
 )
-from crvlm_sdk.interfaces import BackboneAdapter, ImageInput
-from crvlm_sdk.plugins import PluginManager
-from crvlm_sdk.response import ResponseShaper, RowPlan, end_of_sequence_id, sentence_end_ids
+from crvlm_sdk.adapters.base import BackboneAdapter
+from crvlm_sdk.adapters.registry import adapter_for
+from crvlm_sdk.bundle.artifact import Bundle
+from crvlm_sdk.bundle.gates import LayerGates
+from crvlm_sdk.bundle.manifest import ResponseSpec
+from crvlm_sdk.errors import CrvlmError
+from crvlm_sdk.plugins.manager import PluginManager
+from crvlm_sdk.steering.response import ResponseShaper, RowPlan, end_of_sequence_id, sentence_end_ids
+from crvlm_sdk.types import ImageInput
 
 _CACHE_KWARGS = ("cache", "past_key_values", "cache_position")
 _ACTIVE_ATTR = "_crvlm_active_steerer"
@@ -565,7 +567,7 @@ def _find_processor(model: torch.nn.Module) -> Any:
     source = getattr(model.config, "_name_or_path", "")
     if source and Path(source).is_dir():
         if model.config.get_text_config() is not model.config:  # a VLM: works without torchvision too
-            from crvlm_sdk.processors import load_processor
+            from crvlm_sdk.models.processors import load_processor
 
             return load_processor(source, getattr(model.config, "model_type", None))
         for auto in (transformers.AutoProcessor, transformers.AutoTokenizer):

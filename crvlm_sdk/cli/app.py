@@ -9,7 +9,6 @@ User errors print one line and a hint, never a traceback.
 from __future__ import annotations
 
 import functools
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -58,7 +57,7 @@ def plugins() -> None:
     layers and what it prompts with, so "which adapter will handle my model" has an answer
     before a model is loaded.
     """
-    from crvlm_sdk.plugins import KINDS, get_plugin_manager
+    from crvlm_sdk.plugins.manager import KINDS, get_plugin_manager
 
     manager = get_plugin_manager()
     adapters = Table(title="backbone adapters (first match wins, in this order)")
@@ -87,7 +86,7 @@ def plugins() -> None:
 
 def _adapter_summary(cls: type) -> tuple[str, str, str]:
     """(claimed classes, layers path, input kinds) of an adapter class, for ``crvlm plugins``."""
-    from crvlm_sdk.interfaces import BackboneAdapter
+    from crvlm_sdk.adapters.base import BackboneAdapter
 
     claims = ", ".join(getattr(cls, "model_classes", ()) or ())
     if getattr(cls, "matches", None) is not None and cls.matches.__func__ is not BackboneAdapter.matches.__func__:
@@ -105,8 +104,8 @@ def _adapter_summary(cls: type) -> tuple[str, str, str]:
 @user_errors
 def inspect(path: Annotated[Path, typer.Argument(help="bundle directory")]) -> None:
     """Pretty-print a bundle's manifest and tensors (validates schema and hash)."""
-    from crvlm_sdk.bundle import Bundle
-    from crvlm_sdk.gating import describe_layers
+    from crvlm_sdk.bundle.artifact import Bundle
+    from crvlm_sdk.bundle.gates import describe_layers
 
     bundle = Bundle.load(path)
     m = bundle.manifest
@@ -150,9 +149,9 @@ def verify(
     adapter: Annotated[str | None, typer.Option(help="force a backbone adapter by name")] = None,
 ) -> None:
     """Check a bundle's schema, tensor hash and (with --model) that it fits the model."""
-    from crvlm_sdk.backbones import adapter_for
-    from crvlm_sdk.bundle import Bundle
-    from crvlm_sdk.models import load_model
+    from crvlm_sdk.adapters.registry import adapter_for
+    from crvlm_sdk.bundle.artifact import Bundle
+    from crvlm_sdk.models.loading import load_model
 
     backbone = None
     if model is not None:
@@ -166,8 +165,8 @@ def verify(
 
 
 def _load(model: str, gguf_file: str | None, device: str, dtype: str, adapter: str | None):
-    from crvlm_sdk.backbones import adapter_for
-    from crvlm_sdk.models import load_model
+    from crvlm_sdk.adapters.registry import adapter_for
+    from crvlm_sdk.models.loading import load_model
 
     with console.status(f"loading {model}"):
         net, processor = load_model(model, gguf_file=gguf_file, dtype=dtype, device=device)
@@ -241,7 +240,8 @@ def build_bundle_cmd(
 ) -> None:
     """Build a refusal bundle from a policy: vectors, gate, steering and response settings chosen on
     validation data by the number of clean refusals."""
-    from crvlm_sdk.build import BuildOptions, build_bundle
+    from crvlm_sdk.build.options import BuildOptions
+    from crvlm_sdk.build.pipeline import build_bundle
 
     if out.exists() and not overwrite:
         raise CrvlmError(f"{out} already exists", hint="pass --overwrite to replace it")
@@ -266,7 +266,7 @@ def build_bundle_cmd(
 
 
 def _print_build_summary(bundle: Any, path: Path) -> None:
-    from crvlm_sdk.gating import describe_layers
+    from crvlm_sdk.bundle.gates import describe_layers
 
     m = bundle.manifest
     v = m.validation
@@ -327,10 +327,10 @@ def eval_cmd(
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 48,
 ) -> None:
     """Evaluate a bundle against baselines; writes report.json, report.md and plots."""
-    from crvlm_sdk.bundle import Bundle
-    from crvlm_sdk.evaluate import SYSTEMS, evaluate
+    from crvlm_sdk.bundle.artifact import Bundle
+    from crvlm_sdk.evaluation.evaluate import SYSTEMS, evaluate
     from crvlm_sdk.policy import Policy, read_jsonl
-    from crvlm_sdk.steerer import Steerer
+    from crvlm_sdk.steering.steerer import Steerer
 
     if (data is None) == (policy is None):
         raise CrvlmError("give exactly one of --data and --policy")
@@ -355,7 +355,7 @@ def eval_cmd(
 
 def _save_and_show_report(report: dict[str, Any], out: Path, title: str) -> None:
     """Write an evaluation report to ``out`` and print its table of systems."""
-    from crvlm_sdk.evaluate import TABLE_COLUMNS, systems_table, write_report
+    from crvlm_sdk.evaluation.report import TABLE_COLUMNS, systems_table, write_report
 
     written = write_report(report, out)
     table = Table(title=title)
@@ -376,7 +376,7 @@ def rejudge(
     """Judge a report's stored answers again (after a judge changed) and rewrite the report."""
     import json
 
-    from crvlm_sdk.evaluate import judge_report
+    from crvlm_sdk.evaluation.evaluate import judge_report
 
     path = report / "report.json"
     if not path.is_file():
@@ -404,7 +404,7 @@ def generate(
     compare: Annotated[bool, typer.Option(help="also show the unsteered answer")] = True,
 ) -> None:
     """Answer questions with the bundle(s) applied, next to the unsteered answers."""
-    from crvlm_sdk.steerer import Steerer
+    from crvlm_sdk.steering.steerer import Steerer
 
     if image and len(image) != len(questions):
         raise CrvlmError(f"got {len(image)} --image for {len(questions)} questions; give one per question")
@@ -442,8 +442,8 @@ def demo_model_cmd(
     import json
     import time
 
-    from crvlm_sdk import demo_vlm
-    from crvlm_sdk.models import load_model
+    from crvlm_sdk.demo import vlm as demo_vlm
+    from crvlm_sdk.models.loading import load_model
 
     started = time.perf_counter()
     path = demo_vlm.build_demo_model(out, overwrite=overwrite)
@@ -474,17 +474,9 @@ def demo(
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 30,
 ) -> None:
     """Build the demo VLM and a no-stars bundle, and compare answers about pictures with and without it."""
-    from crvlm_sdk.demo import run_demo, run_vlm_demo
+    from crvlm_sdk.demo.run import run_demo, run_vlm_demo
 
     if text:
         run_demo(out, max_new_tokens=max_new_tokens, console=console)
     else:
         run_vlm_demo(out, max_new_tokens=max_new_tokens, console=console)
-
-
-def main() -> None:  # pragma: no cover - console-script shim
-    app()
-
-
-if __name__ == "__main__":
-    sys.exit(app())

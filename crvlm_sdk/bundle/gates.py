@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from crvlm_sdk.components import Gate
 from crvlm_sdk.errors import CrvlmError
-from crvlm_sdk.interfaces import Gate
 
 
 @dataclass

@@ -18,7 +18,10 @@ from typing import Any
 
 import torch
 
-from crvlm_sdk.conformance import (
+from crvlm_sdk.adapters.templates import CHATML_VLM
+from crvlm_sdk.errors import ModelLoadError
+from crvlm_sdk.models.loading import find_smollm2_gguf
+from crvlm_sdk.testing.conformance import (
     CONFORMANCE_CHECKS,
     ConformanceError,
     ConformanceReport,
@@ -31,10 +34,7 @@ from crvlm_sdk.conformance import (
     default_test_images,
     run_conformance,
 )
-from crvlm_sdk.errors import ModelLoadError
-from crvlm_sdk.models import find_smollm2_gguf
-from crvlm_sdk.templates import CHATML_VLM
-from crvlm_sdk.tiny_models import TINY_VLM_BUILDERS, build_tiny_vlm
+from crvlm_sdk.testing.tiny_models import TINY_VLM_BUILDERS, build_tiny_vlm
 
 __all__ = [
     "CONFORMANCE_CHECKS",
