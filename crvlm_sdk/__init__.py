@@ -45,7 +45,7 @@ PLUGIN_API: dict[str, str] = {
     "BackboneAdapter": "crvlm_sdk.adapters.base",
     "ChatTemplateAdapter": "crvlm_sdk.adapters.chat",
     "VisionChatAdapter": "crvlm_sdk.adapters.vision",
-    "adapter_for": "crvlm_sdk.adapters.registry",
+    "adapter_for": "crvlm_sdk.plugins.adapters",
     "Gate": "crvlm_sdk.components",
     "VectorExtractor": "crvlm_sdk.components",
     "VisualAligner": "crvlm_sdk.components",
@@ -137,7 +137,6 @@ if TYPE_CHECKING:
     from crvlm_sdk.activations.capture import ActivationStats, capture, capture_forced
     from crvlm_sdk.adapters.base import BackboneAdapter
     from crvlm_sdk.adapters.chat import ChatTemplateAdapter
-    from crvlm_sdk.adapters.registry import adapter_for
     from crvlm_sdk.adapters.vision import VisionChatAdapter
     from crvlm_sdk.build.options import BuildOptions
     from crvlm_sdk.build.pipeline import build_bundle
@@ -157,6 +156,7 @@ if TYPE_CHECKING:
     from crvlm_sdk.evaluation.report import write_report
     from crvlm_sdk.models.loading import load_model
     from crvlm_sdk.models.processors import load_processor
+    from crvlm_sdk.plugins.adapters import adapter_for
     from crvlm_sdk.plugins.hookspecs import hookimpl
     from crvlm_sdk.plugins.manager import PluginManager, get_plugin_manager
     from crvlm_sdk.policy import Policy

@@ -142,22 +142,6 @@ class _PromptSplit:
     next_position: torch.Tensor
 
 
-def _image_token_ids(adapter: BackboneAdapter) -> set[int]:
-    """Token ids that stand for image content: a shared prefix must stop before them (the
-    placeholders are equal across rows, the pictures they carry are not)."""
-    ids: set[int] = set()
-    configs = [adapter.model.config, getattr(adapter.model.config, "text_config", None)]
-    for config in filter(None, configs):
-        for name, value in vars(config).items():
-            if isinstance(value, int) and any(w in name for w in ("image", "video", "vision", "boi")) and \
-                    name.endswith(("_token_id", "_token_index")):
-                ids.add(value)
-    own = getattr(adapter, "image_token_id", None)
-    if isinstance(own, int):
-        ids.add(own)
-    return ids
-
-
 def _split_prompt(batch: PromptBatch, seq_keys: Sequence[str], stop_ids: set[int],
                   weights: torch.Tensor | None = None) -> _PromptSplit | None:
     """Cut ``batch`` after its rows' common leading tokens, or None where that does not pay or fit.
@@ -224,8 +208,8 @@ class _LayerReader:
         # transformers renamed ``past_key_values`` to ``cache`` (the old name warns, then goes away)
         params = inspect.signature(self.model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
-        self.seq_keys: tuple[str, ...] = tuple(getattr(adapter, "sequence_keys", ("input_ids", "attention_mask")))
-        self.stop_ids = _image_token_ids(adapter)
+        self.seq_keys: tuple[str, ...] = tuple(adapter.sequence_keys)
+        self.stop_ids = adapter.image_token_ids()
         self._into: ActivationStats | None = None
         self._weights: torch.Tensor | None = None
 

@@ -108,8 +108,7 @@ def build_prompt_batch(
         )
     systems = _per_row(system, n, "system")
     prefix_ids = adapter.encode_text(forced_prefix) if forced_prefix else []
-    seq_keys = getattr(adapter, "sequence_keys", SEQUENCE_KEYS)
-    max_images = int(getattr(adapter, "max_images", 1))
+    seq_keys, max_images = adapter.sequence_keys, adapter.max_images
 
     rows: list[dict[str, torch.Tensor]] = []
     prompt_lens: list[int] = []
@@ -121,7 +120,7 @@ def build_prompt_batch(
                 hint="give one image per question, or use a model that takes several",
             )
         if len(pictures) > 1:
-            # Only adapters declaring max_images > 1 see these keywords (older adapters never do).
+            # Only adapters declaring max_images > 1 see this keyword (older adapters never do).
             text = adapter.render_prompt(question, has_image=True, system=sys_msg, num_images=len(pictures))
             enc = adapter.encode_row(text, [load_image(p) for p in pictures])
         else:

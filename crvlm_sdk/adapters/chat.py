@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import torch
 
 from crvlm_sdk.adapters.base import BackboneAdapter
-from crvlm_sdk.adapters.batching import SEQUENCE_KEYS, text_config
+from crvlm_sdk.adapters.batching import text_config
 from crvlm_sdk.errors import AdapterError
 
 
@@ -21,7 +21,6 @@ class ChatTemplateAdapter(BackboneAdapter):
     """
 
     layers_path: ClassVar[str]
-    sequence_keys: ClassVar[tuple[str, ...]] = SEQUENCE_KEYS
 
     def __init__(self, model: torch.nn.Module, processor: Any) -> None:
         super().__init__(model, processor)
@@ -55,10 +54,6 @@ class ChatTemplateAdapter(BackboneAdapter):
 
     # -- text -----------------------------------------------------------------------------
     @property
-    def tokenizer(self) -> Any:
-        return getattr(self.processor, "tokenizer", self.processor)
-
-    @property
     def pad_token_id(self) -> int:
         tok = self.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -74,7 +69,8 @@ class ChatTemplateAdapter(BackboneAdapter):
         out.append({"role": "user", "content": question})
         return out
 
-    def render_prompt(self, question: str, *, has_image: bool, system: str | None) -> str:
+    def render_prompt(self, question: str, *, has_image: bool, system: str | None,
+                      num_images: int | None = None) -> str:
         owner = self.processor if getattr(self.processor, "chat_template", None) else self.tokenizer
         if not getattr(owner, "chat_template", None):
             raise AdapterError(

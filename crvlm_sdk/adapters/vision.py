@@ -99,16 +99,6 @@ class VisionChatAdapter(ChatTemplateAdapter):
         return owner
 
     # -- encoding -------------------------------------------------------------------------
-    @property
-    def image_token_id(self) -> int | None:
-        """Id of the placeholder token the processor repeats once per image feature."""
-        config = self.model.config
-        for attr in ("image_token_id", "image_token_index"):
-            value = getattr(config, attr, None)
-            if value is not None:
-                return int(value)
-        return None
-
     def processor_images(self, images: list[Any]) -> Any:
         """How one row's images are handed to the processor (nested per sample by default)."""
         return [images]

@@ -18,7 +18,7 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
-from crvlm_sdk.adapters.registry import adapter_for
+from crvlm_sdk.plugins.adapters import adapter_for
 from crvlm_sdk.bundle.artifact import Bundle
 from crvlm_sdk.bundle.manifest import Operator, ResponseMode, ResponseSpec
 from crvlm_sdk.activations.capture import capture

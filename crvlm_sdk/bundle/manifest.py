@@ -8,7 +8,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +24,12 @@ TENSORS = "tensors.safetensors"
 
 Operator = Literal["additive", "rotation"]
 ResponseMode = Literal["steer", "template"]
+
+
+def gate_needs_prepass(gate_layers: Sequence[int], steered_layers: Iterable[int]) -> bool:
+    """Whether a gate must be read in an unsteered pre-pass: some layer it reads is at or above a
+    steered layer, so in the steered pass it would see activations it was not trained on."""
+    return max(gate_layers) >= min(steered_layers)
 
 
 class BundleWarning(UserWarning):
@@ -159,8 +165,8 @@ class Manifest(BaseModel):
 
     @property
     def needs_prepass(self) -> bool:
-        """Whether a gate layer is at or above the band (an unsteered pre-pass reads the gate)."""
-        return self.gate.layers[-1] >= min(self.layers)
+        """Whether this bundle alone needs an unsteered pre-pass to read its gate."""
+        return gate_needs_prepass(self.gate.layers, self.layers)
 
 
 def read_manifest(path: Path) -> Manifest:

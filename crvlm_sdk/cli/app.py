@@ -87,13 +87,14 @@ def plugins() -> None:
 def _adapter_summary(cls: type) -> tuple[str, str, str]:
     """(claimed classes, layers path, input kinds) of an adapter class, for ``crvlm plugins``."""
     from crvlm_sdk.adapters.base import BackboneAdapter
+    from crvlm_sdk.adapters.chat import ChatTemplateAdapter
 
-    claims = ", ".join(getattr(cls, "model_classes", ()) or ())
-    if getattr(cls, "matches", None) is not None and cls.matches.__func__ is not BackboneAdapter.matches.__func__:
+    claims = ", ".join(cls.model_classes)
+    if cls.matches.__func__ is not BackboneAdapter.matches.__func__:
         claims = f"{claims} + others it recognises by layout" if claims else "models it recognises by layout"
-    layers = getattr(cls, "layers_path", None) or "(adapter-defined)"
-    if getattr(cls, "supports_images", False):
-        most = int(getattr(cls, "max_images", 1))
+    layers = cls.layers_path if issubclass(cls, ChatTemplateAdapter) else "(adapter-defined)"
+    if cls.supports_images:
+        most = cls.max_images
         inputs = f"text + up to {most} image{'s' if most > 1 else ''}"
     else:
         inputs = "text"
@@ -149,9 +150,9 @@ def verify(
     adapter: Annotated[str | None, typer.Option(help="force a backbone adapter by name")] = None,
 ) -> None:
     """Check a bundle's schema, tensor hash and (with --model) that it fits the model."""
-    from crvlm_sdk.adapters.registry import adapter_for
     from crvlm_sdk.bundle.artifact import Bundle
     from crvlm_sdk.models.loading import load_model
+    from crvlm_sdk.plugins.adapters import adapter_for
 
     backbone = None
     if model is not None:
@@ -165,8 +166,8 @@ def verify(
 
 
 def _load(model: str, gguf_file: str | None, device: str, dtype: str, adapter: str | None):
-    from crvlm_sdk.adapters.registry import adapter_for
     from crvlm_sdk.models.loading import load_model
+    from crvlm_sdk.plugins.adapters import adapter_for
 
     with console.status(f"loading {model}"):
         net, processor = load_model(model, gguf_file=gguf_file, dtype=dtype, device=device)
@@ -370,7 +371,7 @@ def _save_and_show_report(report: dict[str, Any], out: Path, title: str) -> None
 @app.command()
 @user_errors
 def rejudge(
-    report: Annotated[Path, typer.Argument(help="report directory written by crvlm eval")],
+    report: Annotated[Path, typer.Argument(help="report directory written by crvlm eval (or its report.json)")],
     judge: Annotated[str, typer.Option(help="refusal judge plugin: strict or keyword")] = "strict",
 ) -> None:
     """Judge a report's stored answers again (after a judge changed) and rewrite the report."""
@@ -378,6 +379,8 @@ def rejudge(
 
     from crvlm_sdk.evaluation.evaluate import judge_report
 
+    if report.name == "report.json" and report.is_file():
+        report = report.parent
     path = report / "report.json"
     if not path.is_file():
         raise CrvlmError(f"{path} not found", hint="give the directory crvlm eval --out wrote")

@@ -206,7 +206,7 @@ def answer(model: torch.nn.Module, processor: Any, questions: Sequence[str], ima
            *, max_new_tokens: int = 16, batch_size: int = 25) -> list[str]:
     """Greedy answers through crvlm's own prompt builder (the path extraction and steering use)."""
     from crvlm_sdk.adapters.batching import build_prompt_batch
-    from crvlm_sdk.adapters.registry import adapter_for
+    from crvlm_sdk.plugins.adapters import adapter_for
 
     adapter = adapter_for(model, processor)
     tokenizer = getattr(processor, "tokenizer", processor)

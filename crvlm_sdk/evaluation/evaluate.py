@@ -213,7 +213,7 @@ def evaluate(
     }
     logits = {name: got.first_logits for name, got in answers.items()}
     return judge_report(report, judge=judge, plugins=manager, first_logits=logits,
-                        tokenizer=getattr(steerer.adapter, "tokenizer", None))
+                        tokenizer=steerer.adapter.tokenizer)
 
 
 def judge_report(

@@ -52,11 +52,11 @@ from crvlm_sdk.activations.hooks import (
     with_hidden,
 )
 from crvlm_sdk.adapters.base import BackboneAdapter
-from crvlm_sdk.adapters.registry import adapter_for
 from crvlm_sdk.bundle.artifact import Bundle
 from crvlm_sdk.bundle.gates import LayerGates
-from crvlm_sdk.bundle.manifest import ResponseSpec
+from crvlm_sdk.bundle.manifest import ResponseSpec, gate_needs_prepass
 from crvlm_sdk.errors import CrvlmError
+from crvlm_sdk.plugins.adapters import adapter_for
 from crvlm_sdk.plugins.manager import PluginManager
 from crvlm_sdk.steering.response import ResponseShaper, RowPlan, end_of_sequence_id, sentence_end_ids
 from crvlm_sdk.types import ImageInput
@@ -174,7 +174,7 @@ class Steerer:
             self._place_on(placement)
 
     def _place_on(self, placement: tuple[tuple[torch.device, torch.dtype], ...]) -> None:
-        lowest_band = min(min(item.bundle.manifest.layers) for item in self._loaded)
+        steered = {layer for item in self._loaded for layer in item.bundle.manifest.layers}
         for item in self._loaded:
             m = item.bundle.manifest
             gate_device, _ = placement[m.gate.layers[-1]]
@@ -184,7 +184,8 @@ class Steerer:
                 layer: (m.alpha * vec).to(device=placement[layer][0], dtype=placement[layer][1])
                 for layer, vec in item.bundle.vectors.items()
             }
-            item.in_pass_gate = m.gate.layers[-1] < lowest_band
+            # any bundle's steering may change what another bundle's gate reads
+            item.in_pass_gate = not gate_needs_prepass(m.gate.layers, steered)
             item.p = item.log_odds = item.row_mask = item.scale = None
         self._placed_for = placement
 

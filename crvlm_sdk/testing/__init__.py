@@ -32,6 +32,7 @@ from crvlm_sdk.testing.conformance import (
     check_positions_under_left_padding,
     check_prompts_identical_for_extraction_and_generation,
     default_test_images,
+    random_bundle,
     run_conformance,
 )
 from crvlm_sdk.testing.tiny_models import TINY_VLM_BUILDERS, build_tiny_vlm
@@ -52,6 +53,7 @@ __all__ = [
     "check_positions_under_left_padding",
     "check_prompts_identical_for_extraction_and_generation",
     "default_test_images",
+    "random_bundle",
     "run_conformance",
     "save_smollm2_tokenizer",
 ]

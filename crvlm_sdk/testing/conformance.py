@@ -36,14 +36,15 @@ from typing import Any, NoReturn
 
 import torch
 
-from crvlm_sdk.activations.capture import Sample, capture
+from crvlm_sdk.activations.capture import capture
 from crvlm_sdk.activations.hooks import HookSpec, StopForward, hooks_installed, layer_hidden, with_hidden
 from crvlm_sdk.adapters.base import BackboneAdapter
 from crvlm_sdk.adapters.batching import text_config
-from crvlm_sdk.adapters.registry import adapter_for
 from crvlm_sdk.bundle.artifact import Bundle
-from crvlm_sdk.plugins.manager import PluginManager
-from crvlm_sdk.types import PromptBatch
+from crvlm_sdk.bundle.gates import LayerGates
+from crvlm_sdk.plugins.adapters import adapter_for
+from crvlm_sdk.plugins.manager import PluginManager, get_plugin_manager
+from crvlm_sdk.types import PromptBatch, Sample
 
 #: questions of different lengths, so left padding differs by row
 QUESTIONS = (
@@ -133,15 +134,6 @@ class ConformanceSubject:
 # -- helpers ------------------------------------------------------------------------------
 def _fail(check: str, message: str) -> NoReturn:
     raise ConformanceError(f"{check}: {message}")
-
-
-def _image_token_id(model: torch.nn.Module) -> int | None:
-    config = model.config
-    for attr in ("image_token_id", "image_token_index"):
-        value = getattr(config, attr, None)
-        if value is not None:
-            return int(value)
-    return None
 
 
 def layers_path(adapter: BackboneAdapter) -> str:
@@ -279,7 +271,7 @@ def check_prompts_identical_for_extraction_and_generation(subject: ConformanceSu
 
     from crvlm_sdk.steering.steerer import Steerer
 
-    bundle = _random_bundle(adapter, gate_layer=0, band=[adapter.num_layers - 1])
+    bundle = random_bundle(adapter, gate_layer=0, band=[adapter.num_layers - 1])
     steerer = Steerer(adapter, [bundle], plugins=subject.plugins)
     specs = [HookSpec(adapter.model, record_inputs, kind="pre", with_kwargs=True),
              HookSpec(adapter.decoder_layers()[0], record_stream, kind="pre", with_kwargs=True)]
@@ -357,7 +349,7 @@ def check_positions_under_left_padding(subject: ConformanceSubject) -> dict[str,
         _fail(name, f"last_prompt_index {batch.last_prompt_index.tolist()}, prefix_start "
                     f"{batch.prefix_start.tolist()} and prefix_end {batch.prefix_end.tolist()} do not delimit a "
                     f"forced prefix that follows the prompt and ends the sequence")
-    image_id = _image_token_id(adapter.model)
+    image_id = adapter.image_token_id
     layers = sorted({0, adapter.num_layers - 1})
     batched = _read_layers(adapter, batch, layers)
     mask = batch.inputs["attention_mask"]
@@ -419,23 +411,33 @@ def _check_processor_inputs_kept(subject: ConformanceSubject, name: str) -> None
         _fail(name, f"the processor returns {dropped} but the adapter's batch drops them")
 
 
-def _random_bundle(adapter: BackboneAdapter, *, gate_layer: int, band: list[int], alpha: float = 4.0,
-                   seed: int = 0) -> Bundle:
-    """Random unit vectors and a probe gate whose scores differ by row (soft, per-row p)."""
-    from crvlm_plugins.gates import ProbeGate
+def random_bundle(adapter: BackboneAdapter, *, gate_layer: int | Sequence[int] = 0, band: Sequence[int] = (1, 2),
+                  alpha: float = 4.0, seed: int = 0, name: str | None = None, operator: str = "additive",
+                  decode_steps: int | None = None, questions: Sequence[str] = QUESTIONS) -> Bundle:
+    """A bundle of random unit vectors and soft probe gates whose scores differ by row.
 
+    Each probe standardises with statistics of real prompts at its layer, so even on a tiny
+    random model (where rows differ only slightly) the gate's ``p`` varies clearly by row. A
+    sequence of gate layers gives a gate read at several layers.
+    """
+    layers = [gate_layer] if isinstance(gate_layer, int) else list(gate_layer)
     g = torch.Generator().manual_seed(seed)
     hidden = adapter.hidden_size
-    stats = capture(adapter, [Sample(q) for q in QUESTIONS], [gate_layer], keep=True, progress=False)
-    h = stats.rows(gate_layer)
-    if h.dim() != 2 or h.shape[0] != len(QUESTIONS) or h.shape[1] != hidden:
-        _fail("bundle", f"reading layer {gate_layer} at the last prompt token gave activations of shape "
-                        f"{tuple(h.shape)}, expected ({len(QUESTIONS)}, {hidden})")
-    std = h.std(0).clamp_min(1e-6)
-    gate = ProbeGate(torch.randn(hidden, generator=g), torch.zeros(()), h.mean(0), std, temperature=4.0)
+    stats = capture(adapter, [Sample(q) for q in questions], layers, keep=True, progress=False)
+    probe = get_plugin_manager().get("gate", "probe")
+    gates = {}
+    for layer in layers:
+        h = stats.rows(layer)
+        if h.dim() != 2 or h.shape[0] != len(questions) or h.shape[1] != hidden:
+            _fail("bundle", f"reading layer {layer} at the last prompt token gave activations of shape "
+                            f"{tuple(h.shape)}, expected ({len(questions)}, {hidden})")
+        tensors = {"weight": torch.randn(hidden, generator=g), "bias": torch.zeros(()), "mean": h.mean(0),
+                   "std": h.std(0).clamp_min(1e-6)}
+        gates[layer] = probe.from_tensors(tensors, {"temperature": 4.0})
     vectors = {layer: torch.nn.functional.normalize(torch.randn(hidden, generator=g), dim=0) for layer in band}
-    return Bundle.create(adapter=adapter, policy={"name": f"conformance-{gate_layer}", "subject": "testing"},
-                         vectors=vectors, gate=gate, gate_layer=gate_layer, alpha=alpha)
+    return Bundle.create(adapter=adapter, policy={"name": name or f"conformance-{layers[0]}", "subject": "testing"},
+                         vectors=vectors, gate=LayerGates(gates), alpha=alpha, operator=operator,
+                         decode_steps=decode_steps)
 
 
 def check_cached_generation_equals_uncached(subject: ConformanceSubject) -> dict[str, Any]:
@@ -456,7 +458,7 @@ def check_cached_generation_equals_uncached(subject: ConformanceSubject) -> dict
     out: dict[str, Any] = {}
     plain = None
     for label, (gate_layer, band) in configs.items():
-        steerer = Steerer(adapter, [_random_bundle(adapter, gate_layer=gate_layer, band=band)],
+        steerer = Steerer(adapter, [random_bundle(adapter, gate_layer=gate_layer, band=band)],
                           plugins=subject.plugins)
         kwargs = {"max_new_tokens": 4, "system": SYSTEM}
         cached = steerer.generate_detailed(questions, images, use_cache=True, **kwargs)
