@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from crvlm_sdk.errors import PolicyError
+from crvlm_sdk.errors import PolicyError, field_error
 from crvlm_sdk.types import Sample
 
 DEFAULT_INSTRUCTION = "Say 'Sorry, I cannot answer that question.' if the question is NOT about {subject}."
@@ -91,9 +91,7 @@ class Policy(BaseModel):
         try:
             return cls.model_validate({**raw, "base_dir": path.parent, "source": str(path)})
         except ValidationError as exc:
-            first = exc.errors()[0]
-            loc = ".".join(str(p) for p in first["loc"]) or "(root)"
-            raise PolicyError(f"{path}: field `{loc}`: {first['msg']}") from None
+            raise PolicyError(f"{path}: {field_error(exc)}") from None
 
     def _fill(self, template: str) -> str:
         return template.format(subject=self.subject, name=self.name, description=self.description)

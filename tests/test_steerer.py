@@ -341,3 +341,25 @@ def test_from_bundle_path_roundtrip(tiny_llama, tmp_path):
     steerer = Steerer.from_bundle(model, tmp_path / "b", processor)
     assert steerer.bundle_names == ["test"]
     assert steerer.generate("Hello", max_new_tokens=2)
+
+
+def test_alpha_scale_scales_steering_without_touching_the_manifest(tiny_llama):
+    model, _, adapter = tiny_llama
+    bundle = make_bundle(adapter, layers=(1, 2), gate_layer=0, alpha=3.0)
+    batch = _batch(adapter)
+    steerer = steerer_for(adapter, bundle)
+    with torch.no_grad():
+        with steerer.apply(alpha_scale=2.0):
+            scaled = model(**batch.inputs).logits
+        with steerer.apply(alpha_scale=0.0):
+            off = model(**batch.inputs).logits
+        plain = model(**batch.inputs).logits
+        with steerer_for(adapter, bundle.replaced(alpha=6.0)).apply():
+            doubled = model(**batch.inputs).logits
+    torch.testing.assert_close(scaled, doubled, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(off, plain)
+    assert bundle.manifest.alpha == 3.0
+    assert steerer.generate(QUESTIONS[:2], max_new_tokens=3, alpha_scale=2.0) == \
+        steerer_for(adapter, bundle.replaced(alpha=6.0)).generate(QUESTIONS[:2], max_new_tokens=3)
+    with pytest.raises(CrvlmError, match="alpha_scale must be a finite number >= 0"), steerer.apply(alpha_scale=-1):
+        pass

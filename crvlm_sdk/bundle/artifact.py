@@ -9,9 +9,6 @@ crash leaves either the old bundle or the new one, never half of one.
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,6 +20,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from crvlm_sdk.adapters.base import BackboneAdapter
+from crvlm_sdk.bundle.card import MODEL_CARD, model_card
 from crvlm_sdk.bundle.gates import LayerGates
 from crvlm_sdk.bundle.manifest import (
     MANIFEST,
@@ -36,6 +34,7 @@ from crvlm_sdk.bundle.manifest import (
 )
 from crvlm_sdk.components import Gate
 from crvlm_sdk.errors import BundleError
+from crvlm_sdk.files import atomic_directory
 from crvlm_sdk.plugins.manager import PluginManager, get_plugin_manager
 
 
@@ -86,6 +85,8 @@ class Bundle:
         manifest = Manifest(
             policy=summary,
             backbone=adapter.fingerprint(),
+            base_model_name_or_path=str(getattr(adapter.model.config, "_name_or_path", "") or ""),
+            base_model_revision=getattr(adapter.model.config, "_commit_hash", None),
             adapter=adapter.name,
             layers=sorted(int(k) for k in vectors),
             alpha=float(alpha),
@@ -183,29 +184,29 @@ class Bundle:
         return out
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
-        """Write atomically to ``path`` (a directory); refuses to replace one unless asked."""
+        """Write atomically to ``path`` (a directory): manifest, tensors and a ``README.md`` model
+        card; refuses to replace a directory unless asked."""
         self.check("<bundle being saved>")
         target = Path(path)
         if target.exists() and not overwrite:
             raise BundleError(f"{target} already exists", hint="pass overwrite=True (--overwrite) to replace it")
-        target.parent.mkdir(parents=True, exist_ok=True)
         blob = save_safetensors(self._tensor_dict(), metadata={"format": "crvlm-bundle"})
         self.manifest.tensors_sha256 = hashlib.sha256(blob).hexdigest()
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-        try:
+        with atomic_directory(target) as tmp:
             (tmp / TENSORS).write_bytes(blob)
             (tmp / MANIFEST).write_text(self.manifest.model_dump_json(indent=2) + "\n")
-            if target.exists():
-                old = target.with_name(f".{target.name}.old-{os.getpid()}")
-                os.replace(target, old)
-                os.replace(tmp, target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            (tmp / MODEL_CARD).write_text(model_card(self.manifest, target.name))
         return target
+
+    def save_pretrained(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """:meth:`save` under the name the Hugging Face ecosystem (PEFT adapters) uses."""
+        return self.save(path, overwrite=overwrite)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, adapter: BackboneAdapter | None = None,
+                        check_fingerprint: bool = True) -> Bundle:
+        """:meth:`load` under the name the Hugging Face ecosystem (PEFT adapters) uses."""
+        return cls.load(path, adapter=adapter, check_fingerprint=check_fingerprint)
 
     @classmethod
     def load(

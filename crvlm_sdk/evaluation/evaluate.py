@@ -93,6 +93,7 @@ def run_systems(
     max_new_tokens: int = 48,
     keep_logits: bool = False,
     on_batch: Callable[[int], None] | None = None,
+    alpha_scale: float = 1.0,
 ) -> dict[str, Answers]:
     """Greedy answers of every system to every row; each chunk of rows runs for all systems in
     one batched ``generate`` (``batch_size`` rows per call, whole chunks of rows at a time)."""
@@ -111,6 +112,7 @@ def run_systems(
             system=prompts if any(p is not None for p in prompts) else None,
             rows=[[system.bundle] if system.bundle else [] for system, _ in jobs],
             max_new_tokens=max_new_tokens,
+            alpha_scale=alpha_scale,
         )
         for i, (system, _) in enumerate(jobs):
             answers = out[system.name]

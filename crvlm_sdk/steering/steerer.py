@@ -104,6 +104,7 @@ class _State:
     prefill_len: int = 0
     last_index: torch.Tensor | None = None
     selection: torch.Tensor | None = None  # (n_bundles, rows) float32 on CPU, or None = all on
+    alpha_scale: float = 1.0  # multiplies every bundle's α inside the current apply() block
 
 
 class Steerer:
@@ -155,6 +156,17 @@ class Steerer:
             for b in items
         ]
         return cls(backbone, loaded, plugins=plugins, check_fingerprint=check_fingerprint)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: torch.nn.Module,
+        path: str | Path | Sequence[str | Path],
+        processor: Any = None,
+        **kwargs: Any,
+    ) -> Steerer:
+        """:meth:`from_bundle` under the name PEFT adapters use (``PeftModel.from_pretrained``)."""
+        return cls.from_bundle(model, path, processor, **kwargs)
 
     @property
     def bundle_names(self) -> list[str]:
@@ -252,7 +264,7 @@ class Steerer:
                     continue
                 p = gate.combine(item.log_odds)
             item.p.copy_(p)
-            item.scale.copy_(p * item.row_mask)
+            item.scale.copy_(p * item.row_mask * self._state.alpha_scale)
 
     def _pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         state = self._state
@@ -345,6 +357,7 @@ class Steerer:
         rows: Sequence[Sequence[str]] | None = None,
         bundles: Sequence[str] | None = None,
         response: ResponseOverride = None,
+        alpha_scale: float = 1.0,
     ) -> Iterator[Steerer]:
         """Steer every forward/generate call on the model inside the block.
 
@@ -352,11 +365,16 @@ class Steerer:
         names of the bundles that apply to that row (multi-tenant batches). ``response``
         overrides every bundle's response settings for the block: a :class:`ResponseSpec`,
         some of its fields (``{"stop_sentences": 2}``), or ``False`` for steering only.
+        ``alpha_scale`` multiplies every bundle's steering strength for the block (the gate
+        and the manifest are unchanged): 0 turns steering off, 1.2 pushes 20% harder.
         """
         if getattr(self.model, _ACTIVE_ATTR, None) is not None:
             raise CrvlmError("a Steerer is already active on this model; nested apply() is not supported")
+        if not (alpha_scale >= 0 and alpha_scale != float("inf")):
+            raise CrvlmError(f"alpha_scale must be a finite number >= 0, got {alpha_scale}")
         self._place()
         self._state.selection = self._selection(rows, bundles)
+        self._state.alpha_scale = float(alpha_scale)
         override = _STEER_ONLY if response is False else (None if response is True else response)
         for item in self._loaded:
             item.response = item.bundle.manifest.response.updated(override)
@@ -384,6 +402,7 @@ class Steerer:
             self._state.active = False
             self._state.in_generate = False
             self._state.selection = None
+            self._state.alpha_scale = 1.0
             if original_generate is None:
                 self.model.__dict__.pop("generate", None)
             else:
@@ -435,14 +454,17 @@ class Steerer:
         bundles: Sequence[str] | None = None,
         steer: bool = True,
         response: ResponseOverride = None,
+        alpha_scale: float = 1.0,
         **generate_kwargs: Any,
     ) -> list[str]:
         """Answer ``questions`` (greedy, 64 new tokens unless told otherwise).
 
-        ``response`` overrides the bundles' response settings for this call (see :meth:`apply`).
+        ``response`` and ``alpha_scale`` override the bundles' response settings and scale their
+        steering for this call (see :meth:`apply`).
         """
         return self.generate_detailed(
             questions, images, system=system, rows=rows, bundles=bundles, steer=steer, response=response,
+            alpha_scale=alpha_scale,
             **generate_kwargs,
         ).texts
 
@@ -456,6 +478,7 @@ class Steerer:
         bundles: Sequence[str] | None = None,
         steer: bool = True,
         response: ResponseOverride = None,
+        alpha_scale: float = 1.0,
         **generate_kwargs: Any,
     ) -> Generation:
         """Like :meth:`generate`, also returning what judges read: first-step logits, ended rows.
@@ -472,7 +495,7 @@ class Steerer:
         kwargs["logits_processor"] = LogitsProcessorList([*kwargs.get("logits_processor", []), first])
         with torch.inference_mode():
             if steer:
-                with self.apply(rows=rows, bundles=bundles, response=response):
+                with self.apply(rows=rows, bundles=bundles, response=response, alpha_scale=alpha_scale):
                     out = self.model.generate(**batch.inputs, **kwargs)
             else:
                 out = self.model.generate(**batch.inputs, **kwargs)
