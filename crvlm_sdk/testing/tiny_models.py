@@ -23,11 +23,13 @@ from typing import Any
 
 import torch
 
+from crvlm_sdk.adapters.templates import CHATML_VLM
 from crvlm_sdk.errors import CrvlmError
 from crvlm_sdk.models.processors import image_only_processor_class
 
 HIDDEN = 64
 LAYERS = 2
+IMAGE_TOKEN = "<image>"
 
 # Qwen2-VL-7B-Instruct and Qwen2.5-VL-*-Instruct (identical templates).
 QWEN2_VL_TEMPLATE = (
@@ -165,6 +167,54 @@ def _vision_transformer(**overrides: Any) -> dict[str, Any]:
     }
     base.update(overrides)
     return base
+
+
+def _small_llama(tok: Any, layers: int, hidden: int) -> dict[str, Any]:
+    """The Llama text config of the tiny text model and tiny LLaVA (deeper and narrower than
+    :func:`_text`, so gate and band layers can differ; fixed special-token ids)."""
+    return _text(tok, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                 max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+
+
+def build_tiny_causal_lm(out: str | Path, tokenizer_dir: str | Path, *, layers: int = 4, hidden: int = 32,
+                         seed: int = 0) -> Path:
+    """A random ``LlamaForCausalLM`` with SmolLM2's tokenizer, saved to ``out``."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    return _save(out, LlamaForCausalLM(LlamaConfig(**_small_llama(tok, layers, hidden))), tok)
+
+
+def build_tiny_llava(out: str | Path, tokenizer_dir: str | Path, *, layers: int = 4, hidden: int = 32,
+                     image_size: int = 32, patch_size: int = 8, seed: int = 0) -> Path:
+    """A random ``LlavaForConditionalGeneration`` (CLIP tower) with a real ``LlavaProcessor``."""
+    from transformers import (
+        AutoTokenizer,
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    vision = CLIPVisionConfig(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2,
+                              num_attention_heads=4, image_size=image_size, patch_size=patch_size,
+                              projection_dim=hidden)
+    config = LlavaConfig(vision_config=vision, text_config=LlamaConfig(**_small_llama(tok, layers, hidden)),
+                         image_token_id=_ids(tok, IMAGE_TOKEN)[0], vision_feature_select_strategy="default",
+                         vision_feature_layer=-1)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                         crop_size={"height": image_size, "width": image_size})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch_size,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=CHATML_VLM)
+    return _save(out, model, processor)
 
 
 def build_tiny_qwen2_vl(out: str | Path, tokenizer_dir: str | Path, *, seed: int = 0, version: str = "2") -> Path:
