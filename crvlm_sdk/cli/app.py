@@ -9,7 +9,8 @@ User errors print one line and a hint, never a traceback.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -30,6 +31,29 @@ console = Console()
 err_console = Console(stderr=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a table (for scripts and pipes)")]
+
+
+def _table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[str]], **options: Any) -> Table:
+    """A table whose columns are at least as wide as their longest word, so class names, paths
+    and hashes wrap between words but are never split across rows (``crvlm plugins | grep``)."""
+    table = Table(title=title, **options)
+    for i, name in enumerate(columns):
+        longest = max([len(word) for row in rows for word in str(row[i]).split()] + [len(name)])
+        table.add_column(name, min_width=longest, style="bold" if i == 0 and not options.get("show_header", True)
+                         else None)
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def _show(table: Table) -> None:
+    """Print without cropping: a table wider than the console (or a pipe's 80 columns) runs on."""
+    console.print(table, crop=False)
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
 
 
 def user_errors(fn: F) -> F:
@@ -50,7 +74,7 @@ def user_errors(fn: F) -> F:
 
 @app.command()
 @user_errors
-def plugins() -> None:
+def plugins(as_json: JsonOpt = False) -> None:
     """List every installed component (built-in and plugin) and plugins that failed to load.
 
     Adapters come first, each with the model classes it claims, where it finds the decoder
@@ -60,28 +84,24 @@ def plugins() -> None:
     from crvlm_sdk.plugins.manager import KINDS, get_plugin_manager
 
     manager = get_plugin_manager()
-    adapters = Table(title="backbone adapters (first match wins, in this order)")
-    for column in ("name", "provider", "claims", "decoder layers", "inputs"):
-        adapters.add_column(column, overflow="fold")
-    for component in manager.components("adapter").values():
-        adapters.add_row(component.name, component.provider, *_adapter_summary(component.cls))
-    console.print(adapters)
-    table = Table(title="crvlm components")
-    for column in ("kind", "name", "provider"):
-        table.add_column(column, overflow="fold")
-    for kind in KINDS:
-        if kind == "adapter":
-            continue
-        for component in manager.components(kind).values():
-            table.add_row(kind, component.name, component.provider)
-    console.print(table)
+    components = list(manager.components("adapter").values())
+    adapters = [(c.name, c.provider, *_adapter_summary(c.cls)) for c in components]
+    others = [(kind, c.name, c.provider) for kind in KINDS if kind != "adapter"
+              for c in manager.components(kind).values()]
+    if as_json:
+        _print_json({
+            "adapters": [{"name": a[0], "provider": a[1], "claims": list(c.cls.model_classes),
+                          "decoder_layers": a[3], "inputs": a[4]} for a, c in zip(adapters, components, strict=True)],
+            "components": [{"kind": k, "name": n, "provider": p} for k, n, p in others],
+            "failures": [{"plugin": f.name, "error": f.error} for f in manager.failures],
+        })
+        return
+    _show(_table("backbone adapters (first match wins, in this order)",
+                 ("name", "provider", "claims", "decoder layers", "inputs"), adapters))
+    _show(_table("crvlm components", ("kind", "name", "provider"), others))
     if manager.failures:
-        failed = Table(title="plugins that failed to load", title_style="bold red")
-        failed.add_column("plugin")
-        failed.add_column("error", overflow="fold")
-        for failure in manager.failures:
-            failed.add_row(failure.name, failure.error)
-        console.print(failed)
+        _show(_table("plugins that failed to load", ("plugin", "error"),
+                     [(f.name, f.error) for f in manager.failures], title_style="bold red"))
 
 
 def _adapter_summary(cls: type) -> tuple[str, str, str]:
@@ -103,16 +123,19 @@ def _adapter_summary(cls: type) -> tuple[str, str, str]:
 
 @app.command()
 @user_errors
-def inspect(path: Annotated[Path, typer.Argument(help="bundle directory")]) -> None:
+def inspect(path: Annotated[Path, typer.Argument(help="bundle directory")], as_json: JsonOpt = False) -> None:
     """Pretty-print a bundle's manifest and tensors (validates schema and hash)."""
     from crvlm_sdk.bundle.artifact import Bundle
     from crvlm_sdk.bundle.gates import describe_layers
 
     bundle = Bundle.load(path)
     m = bundle.manifest
-    table = Table(title=f"bundle {path}", show_header=False)
-    table.add_column("field", style="bold")
-    table.add_column("value", overflow="fold")
+    if as_json:
+        shapes = {f"vector.{layer}": list(v.shape) for layer, v in sorted(bundle.vectors.items())}
+        shapes.update({f"gate.{layer}.{k}": list(v.shape) for layer, t in bundle.gate_tensors.items()
+                       for k, v in t.items()})
+        _print_json({"path": str(path), "manifest": m.model_dump(mode="json"), "tensors": shapes})
+        return
     rows = [
         ("policy", f"{m.policy.name} (subject: {m.policy.subject or '-'}; "
                    f"{m.policy.n_in_scope} in-scope / {m.policy.n_out_of_scope} out-of-scope examples)"),
@@ -136,9 +159,7 @@ def inspect(path: Annotated[Path, typer.Argument(help="bundle directory")]) -> N
         ("format", f"{m.format_version} (crvlm {m.crvlm_version}), created {m.created}"),
         ("tensors sha256", m.tensors_sha256),
     ]
-    for field, value in rows:
-        table.add_row(field, value)
-    console.print(table)
+    _show(_table(f"bundle {path}", ("field", "value"), rows, show_header=False))
 
 
 @app.command()
@@ -148,6 +169,7 @@ def verify(
     model: Annotated[str | None, typer.Option(help="model directory (or 'smollm2') to check against")] = None,
     gguf_file: Annotated[str | None, typer.Option(help="GGUF file name inside --model")] = None,
     adapter: Annotated[str | None, typer.Option(help="force a backbone adapter by name")] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Check a bundle's schema, tensor hash and (with --model) that it fits the model."""
     from crvlm_sdk.bundle.artifact import Bundle
@@ -161,6 +183,9 @@ def verify(
     bundle = Bundle.load(path, adapter=backbone)
     if backbone is not None:
         bundle.gate()  # the gate's plugin must be installed too
+    if as_json:
+        _print_json({"ok": True, "path": str(path), "bundle": bundle.name, "model": model})
+        return
     target = f" and fits {model}" if model else ""
     console.print(f"[green]OK[/]: {path} is a valid crvlm bundle ({bundle.name}){target}")
 
@@ -326,6 +351,7 @@ def eval_cmd(
     batch_size: Annotated[int, typer.Option(min=1, help="rows per generate call (all systems of a question "
                                                         "run together)")] = 32,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 48,
+    as_json: JsonOpt = False,
 ) -> None:
     """Evaluate a bundle against baselines; writes report.json, report.md and plots."""
     from crvlm_sdk.bundle.artifact import Bundle
@@ -351,20 +377,19 @@ def eval_cmd(
     report = evaluate(steerer, rows, baselines=baselines, system_prompt=instruction, opening=opening,
                       message=message, judge=judge, batch_size=batch_size, max_new_tokens=max_new_tokens)
     _save_and_show_report(report, out, f"{loaded.name}: {report['bundle']['n_out']} out-of-scope / "
-                               f"{report['bundle']['n_in']} in-scope questions (95% intervals)")
+                               f"{report['bundle']['n_in']} in-scope questions (95% intervals)", as_json)
 
 
-def _save_and_show_report(report: dict[str, Any], out: Path, title: str) -> None:
-    """Write an evaluation report to ``out`` and print its table of systems."""
+def _save_and_show_report(report: dict[str, Any], out: Path, title: str, as_json: bool = False) -> None:
+    """Write an evaluation report to ``out`` and print its table of systems (or the metrics as JSON)."""
     from crvlm_sdk.evaluation.report import TABLE_COLUMNS, systems_table, write_report
 
     written = write_report(report, out)
-    table = Table(title=title)
-    for column in TABLE_COLUMNS:
-        table.add_column(column)
-    for row in systems_table(report):
-        table.add_row(*row)
-    console.print(table)
+    if as_json:
+        _print_json({"systems": {"bundle": report["bundle"], **report["baselines"]},
+                     "written": [str(p) for p in written]})
+        return
+    _show(_table(title, TABLE_COLUMNS, systems_table(report)))
     console.print("wrote " + ", ".join(str(p) for p in written))
 
 
@@ -373,9 +398,9 @@ def _save_and_show_report(report: dict[str, Any], out: Path, title: str) -> None
 def rejudge(
     report: Annotated[Path, typer.Argument(help="report directory written by crvlm eval (or its report.json)")],
     judge: Annotated[str, typer.Option(help="refusal judge plugin: strict or keyword")] = "strict",
+    as_json: JsonOpt = False,
 ) -> None:
     """Judge a report's stored answers again (after a judge changed) and rewrite the report."""
-    import json
 
     from crvlm_sdk.evaluation.evaluate import judge_report
 
@@ -389,7 +414,7 @@ def rejudge(
         judge_report(data, judge=judge)
     except (json.JSONDecodeError, KeyError, TypeError, IndexError) as exc:
         raise CrvlmError(f"{path}: not a crvlm evaluation report ({type(exc).__name__}: {exc})") from None
-    _save_and_show_report(data, report, f"{data['settings']['policy']}, judged again ({judge})")
+    _save_and_show_report(data, report, f"{data['settings']['policy']}, judged again ({judge})", as_json)
 
 
 @app.command()
@@ -442,7 +467,6 @@ def demo_model_cmd(
     report: Annotated[Path | None, typer.Option(help="write the --check figures to this JSON file")] = None,
 ) -> None:
     """Assemble the demo VLM (LLaVA: SmolLM2-135M + a small trained CLIP tower) offline."""
-    import json
     import time
 
     from crvlm_sdk.demo import vlm as demo_vlm
