@@ -103,7 +103,7 @@ class Candidate:
 
     ``strength`` is relative to the residual norm (0: no steering, only the gate and the
     response); ``decode_steps`` is how many generated tokens are steered (None: all);
-    ``response`` holds :class:`~crvlm_sdk.bundle.ResponseSpec` fields that differ from the
+    ``response`` holds :class:`~crvlm_sdk.bundle.manifest.ResponseSpec` fields that differ from the
     build's default response (``{"stop_sentences": 2}``, ``{"mode": "template"}``).
     """
 

@@ -2,17 +2,17 @@
 
     python scripts/train_demo_vlm.py [--steps 4000] [--seed 0]
 
-Writes ``crvlm_sdk/data/demo_vlm/vision.safetensors`` (float16) and ``train_log.txt`` next to
+Writes ``crvlm_sdk/demo/data/demo_vlm/vision.safetensors`` (float16) and ``train_log.txt`` next to
 it. The objective needs no back-propagation through the language model: for each picture, the
 16 projected image tokens are regressed onto SmolLM2's input embeddings of a sentence that
-describes the picture (:meth:`crvlm_sdk.shapes.Scene.description`: "The image shows stars: two
+describes the picture (:meth:`crvlm_sdk.demo.shapes.Scene.description`: "The image shows stars: two
 large blue stars. Colour: blue.", padded with spaces), by mean
 squared error (relative to the targets' mean square) plus cosine distance. Auxiliary linear
 heads on the mean-pooled tower output classify shape, colour, count and size during
 training (they are not part of the model and are not saved): they give the tower a direct
 signal for the attribute that is hardest to see at 64 pixels, the shape. Pictures are drawn
 fresh for every step from per-step seeds, so the tower never sees the same picture twice and
-no held-out picture (:data:`crvlm_sdk.demo_vlm.CHECK_SEED` and up) is ever trained on.
+no held-out picture (:data:`crvlm_sdk.demo.vlm.CHECK_SEED` and up) is ever trained on.
 
 Runs on 2 idle CPU cores in about 16 minutes for the default steps (15.4 min for the committed weights).
 """

@@ -328,7 +328,7 @@ def test_vectors_follow_layer_dtype(tiny_llama):
     model.to(torch.bfloat16)
     with steerer.apply():
         pass
-    item = steerer._loaded[0]
+    item = steerer._runtime.loaded[0]
     assert all(v.dtype == torch.bfloat16 for v in item.vectors.values())
     assert item.gate.gates[0].tensors()["weight"].dtype == torch.float32
     out = steerer.generate(QUESTIONS[:2], max_new_tokens=3)

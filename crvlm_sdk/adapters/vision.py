@@ -2,7 +2,7 @@
 
 Every built-in VLM adapter is this class plus the dotted path to the language decoder layers
 and the model classes it claims; a third-party adapter for another HF-style VLM usually is too.
-What it adds to :class:`~crvlm_sdk.prompts.ChatTemplateAdapter`:
+What it adds to :class:`~crvlm_sdk.adapters.chat.ChatTemplateAdapter`:
 
 - messages in the content-list form VLM templates expect (``{"type": "image"}`` items before
   the text, as the public checkpoints' examples place them), several images per prompt;
@@ -45,7 +45,7 @@ class VisionChatAdapter(ChatTemplateAdapter):
             raise AdapterError(
                 f"adapter {self.name!r} needs {type(model).__name__}'s processor (tokenizer + image processor), "
                 f"got {type(processor).__name__}",
-                hint="load it with crvlm_sdk.processors.load_processor(model_dir) (no torchvision needed) "
+                hint="load it with crvlm_sdk.models.processors.load_processor(model_dir) (no torchvision needed) "
                 "or AutoProcessor",
             )
 

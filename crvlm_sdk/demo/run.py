@@ -1,6 +1,6 @@
 """The README demos, each built and used in minutes on 2 CPU cores.
 
-- :func:`run_vlm_demo` (``crvlm demo``): assembles the demo VLM (:mod:`crvlm_sdk.demo_vlm`),
+- :func:`run_vlm_demo` (``crvlm demo``): assembles the demo VLM (:mod:`crvlm_sdk.demo.vlm`),
   writes a small ``no-stars`` policy (the picture decides: anything about a picture with a
   star is refused), builds a bundle for it with the ordinary build pipeline and the setting the
   full sweep chose on the example policy, and shows pictures answered without and with it.

@@ -1,6 +1,6 @@
 """Synthetic pictures of coloured shapes, drawn with Pillow, and sentences that describe them.
 
-The demo VLM (:mod:`crvlm_sdk.demo_vlm`) is trained and tested on these, and the image
+The demo VLM (:mod:`crvlm_sdk.demo.vlm`) is trained and tested on these, and the image
 policies in ``examples/policies/`` are generated from them. Everything is a pure function of
 a seed, so training data, test data and policy data are reproducible and can be kept apart
 by seed ranges instead of by stored files.

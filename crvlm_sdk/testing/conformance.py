@@ -1,6 +1,6 @@
 """The adapter conformance kit: what every backbone adapter must get right, as runnable checks.
 
-A :class:`~crvlm_sdk.interfaces.BackboneAdapter` is small, but each of its answers is load
+A :class:`~crvlm_sdk.adapters.base.BackboneAdapter` is small, but each of its answers is load
 bearing: the wrong layers steer the vision tower (or nothing), a prompt built differently at
 extraction and at generation reads vectors at positions that never occur at inference, an
 off-by-one under left padding reads the gate at a pad token, and a fingerprint that changes on

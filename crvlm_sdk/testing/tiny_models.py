@@ -12,7 +12,7 @@ tiling, any-res grids) — that is what the conformance kit's position checks ne
 
 Without torchvision, transformers uses the Pillow image processors (``*ImageProcessorPil``) and
 cannot build the processors that also own a video processor; those are built and saved through
-:func:`crvlm_sdk.processors.image_only_processor_class`, which writes the original class name.
+:func:`crvlm_sdk.models.processors.image_only_processor_class`, which writes the original class name.
 """
 
 from __future__ import annotations
