@@ -186,7 +186,7 @@ def test_build_extracts_vectors_only_where_the_locator_may_steer(tiny_llama_dir,
 def test_candidate_scorer_generates_each_candidate_once():
     """A stage that proposes an already-scored candidate (the image-weight stage starts from the
     chosen one) reuses its score: decoding is greedy, generating it again would only cost time."""
-    from crvlm_sdk.build.pipeline import CandidateScorer
+    from crvlm_sdk.build.scoring import CandidateScorer
     from crvlm_sdk.types import Candidate
 
     calls: list[list[Candidate]] = []
@@ -233,7 +233,7 @@ def test_rejudge_rescores_stored_answers(tiny_llama_dir, small_policy, tmp_path)
 @pytest.mark.parametrize("ensemble", [True, False])
 def test_gate_keeps_every_layer_tied_best_on_validation(tiny_llama, small_policy, ensemble):
     from crvlm_sdk.build.options import BuildOptions
-    from crvlm_sdk.build.pipeline import fit_gate
+    from crvlm_sdk.build.gate import fit_gate
     from crvlm_sdk.plugins.manager import get_plugin_manager
     from crvlm_sdk.policy import Policy
 

@@ -285,8 +285,8 @@ def build_bundle_cmd(
         opening=opening, stop_sentences=_auto_int(stop, "--stop", none_word="never", minimum=1), mode=mode,
         threshold=threshold, judge=judge,
     )
-    net, processor, _ = _load(model, gguf_file, device, dtype, adapter)
-    bundle = build_bundle(net, processor, policy, adapter=adapter, options=options, console=console)
+    net, processor, backbone = _load(model, gguf_file, device, dtype, adapter)
+    bundle = build_bundle(net, processor, policy, adapter=backbone, options=options, console=console)
     path = bundle.save(out, overwrite=overwrite)
     _print_build_summary(bundle, path)
 
