@@ -31,8 +31,8 @@ import torch
 from crvlm_sdk import get_plugin_manager, load_model
 from crvlm_sdk.activations.capture import capture
 from crvlm_sdk.adapters.base import BackboneAdapter
-from crvlm_sdk.build.options import BuildOptions
 from crvlm_sdk.build.gate import fit_gate, gate_layers
+from crvlm_sdk.build.options import BuildOptions
 from crvlm_sdk.plugins.adapters import adapter_for
 from crvlm_sdk.policy import Policy
 

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -135,3 +136,17 @@ def make_bundle(adapter, *, name: str = "test", layers=(1, 2), gate_layer: int |
 
 def steerer_for(adapter, *bundles: Bundle) -> Steerer:
     return Steerer(adapter, list(bundles))
+
+
+def load_module(path: Path) -> Any:
+    """Import a script or example file that is not part of a package (by path, once)."""
+    import importlib.util
+
+    name = f"_crvlm_test_{path.stem}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -232,8 +232,8 @@ def test_rejudge_rescores_stored_answers(tiny_llama_dir, small_policy, tmp_path)
 
 @pytest.mark.parametrize("ensemble", [True, False])
 def test_gate_keeps_every_layer_tied_best_on_validation(tiny_llama, small_policy, ensemble):
-    from crvlm_sdk.build.options import BuildOptions
     from crvlm_sdk.build.gate import fit_gate
+    from crvlm_sdk.build.options import BuildOptions
     from crvlm_sdk.plugins.manager import get_plugin_manager
     from crvlm_sdk.policy import Policy
 

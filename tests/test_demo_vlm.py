@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_bundle, needs_smollm2
+from conftest import load_module, make_bundle, needs_smollm2
 from safetensors.torch import load_file
 
 from crvlm_sdk import Bundle, adapter_for, load_model
@@ -67,7 +67,8 @@ def test_language_model_is_smollm2_unchanged(demo, smollm2) -> None:
 def test_training_module_computes_llava_image_features(demo) -> None:
     """What the training script optimised is exactly what the assembled model feeds the LM."""
     model, processor = demo
-    side = demo_vlm.VisionSide(model.config)
+    training = load_module(Path(__file__).resolve().parents[1] / "scripts" / "train_demo_vlm.py")
+    side = training.VisionSide(model.config)
     side.load_state_dict({k: v.float() for k, v in load_file(str(demo_vlm.weights_path())).items()})
     side.eval()
     from crvlm_sdk.demo import shapes

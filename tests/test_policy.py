@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import load_module
 
 from crvlm_sdk.errors import PolicyError
 from crvlm_sdk.policy import Policy, read_jsonl
@@ -227,7 +228,7 @@ def test_shape_policy_generator_reproduces_the_committed_files(tmp_path):
 
 
 def test_star_pictures_for_dev_sets_are_drawn_from_the_seed(tmp_path):
-    from crvlm_sdk.demo.shape_policies import write_star_pictures
+    write_star_pictures = load_module(EXAMPLES / "star_pictures.py").write_star_pictures
 
     a = write_star_pictures(tmp_path / "a", 4, seed=3)
     b = write_star_pictures(tmp_path / "b", 4, seed=3)

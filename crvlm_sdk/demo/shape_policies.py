@@ -62,7 +62,7 @@ def picture_question(rng: random.Random, scene: shapes.Scene) -> tuple[str, list
     return rng.choice(OPEN_QUESTIONS), [scene.shape, scene.noun]
 
 
-class _Writer:
+class PictureWriter:
     """Writes one policy directory: ``images/``, the JSONL files and ``policy.yaml``."""
 
     def __init__(self, root: Path) -> None:
@@ -91,7 +91,7 @@ class _Writer:
         return self.root / "policy.yaml"
 
 
-def _scene_rows(writer: _Writer, rng: random.Random, split: str, n: int, shape_choices: Sequence[str],
+def scene_rows(writer: PictureWriter, rng: random.Random, split: str, n: int, shape_choices: Sequence[str],
                 *, answers: bool, colour_choices: Sequence[str] | None = None) -> list[dict[str, Any]]:
     rows = []
     for _ in range(n):
@@ -131,14 +131,14 @@ def write_shape_qa(root: str | Path, general_train: Sequence[str], general_test:
                    n_train: int = N_TRAIN, n_test: int = N_TEST, seed: int = 4100) -> Path:
     """Policy (a): picture questions in scope, ``general_*`` questions (over pictures) out of scope."""
     rng = random.Random(seed)
-    w = _Writer(Path(root))
+    w = PictureWriter(Path(root))
     train_keys = {q.strip().lower() for q in general_train}
     test_pool = [q for q in general_test if q.strip().lower() not in train_keys]
     rows: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {}
     for split, n, pool in (("train", n_train, list(general_train)), ("test", n_test, test_pool)):
         if len(pool) < n:
             raise ValueError(f"need {n} general {split} questions, got {len(pool)}")
-        ins = _scene_rows(w, rng, split, n, shapes.SHAPES, answers=True)
+        ins = scene_rows(w, rng, split, n, shapes.SHAPES, answers=True)
         outs = []
         for question in rng.sample(pool, n):
             img, _ = shapes.draw_scene(shapes.random_scene(rng), rng)
@@ -150,12 +150,12 @@ def write_shape_qa(root: str | Path, general_train: Sequence[str], general_test:
 def write_no_stars(root: str | Path, *, n_train: int = N_TRAIN, n_test: int = N_TEST, seed: int = 4200) -> Path:
     """Policy (b): the same questions; out of scope exactly when the picture shows stars."""
     rng = random.Random(seed)
-    w = _Writer(Path(root))
+    w = PictureWriter(Path(root))
     allowed = tuple(s for s in shapes.SHAPES if s != "star")
-    train_in = _scene_rows(w, rng, "train", n_train, allowed, answers=True)
-    train_out = _scene_rows(w, rng, "train", n_train, ("star",), answers=False)
-    test_in = _scene_rows(w, rng, "test", n_test, allowed, answers=True)
-    test_out = _scene_rows(w, rng, "test", n_test, ("star",), answers=False)
+    train_in = scene_rows(w, rng, "train", n_train, allowed, answers=True)
+    train_out = scene_rows(w, rng, "train", n_train, ("star",), answers=False)
+    test_in = scene_rows(w, rng, "test", n_test, allowed, answers=True)
+    test_out = scene_rows(w, rng, "test", n_test, ("star",), answers=False)
     return w.files(train_in, train_out, test_in, test_out, rng, NO_STARS_YAML)
 
 
@@ -169,22 +169,10 @@ def write_no_red(root: str | Path, *, n_train: int = N_TRAIN, n_test: int = N_TE
     """Policy (c), written after the session-6 defaults were frozen and evaluated untouched: the
     same questions; out of scope exactly when the shapes are red (colour decides, not shape)."""
     rng = random.Random(seed)
-    w = _Writer(Path(root))
+    w = PictureWriter(Path(root))
     others = tuple(c for c in shapes.COLOURS if c != "red")
-    train_in = _scene_rows(w, rng, "train", n_train, shapes.SHAPES, answers=True, colour_choices=others)
-    train_out = _scene_rows(w, rng, "train", n_train, shapes.SHAPES, answers=False, colour_choices=("red",))
-    test_in = _scene_rows(w, rng, "test", n_test, shapes.SHAPES, answers=True, colour_choices=others)
-    test_out = _scene_rows(w, rng, "test", n_test, shapes.SHAPES, answers=False, colour_choices=("red",))
+    train_in = scene_rows(w, rng, "train", n_train, shapes.SHAPES, answers=True, colour_choices=others)
+    train_out = scene_rows(w, rng, "train", n_train, shapes.SHAPES, answers=False, colour_choices=("red",))
+    test_in = scene_rows(w, rng, "test", n_test, shapes.SHAPES, answers=True, colour_choices=others)
+    test_out = scene_rows(w, rng, "test", n_test, shapes.SHAPES, answers=False, colour_choices=("red",))
     return w.files(train_in, train_out, test_in, test_out, rng, NO_RED_YAML)
-
-
-def write_star_pictures(root: str | Path, n: int, *, seed: int) -> list[dict[str, Any]]:
-    """``n`` out-of-scope no-stars rows (a picture question over stars) drawn from ``seed``.
-
-    For choosing settings on pictures outside the policy's own splits (a dev set: the
-    validation split is small, and the test split must stay unseen). Paths are absolute.
-    """
-    rng = random.Random(seed)
-    w = _Writer(Path(root))
-    rows = _scene_rows(w, rng, "dev", n, ("star",), answers=False)
-    return [{**row, "image": str(w.root / row["image"])} for row in rows]

@@ -74,27 +74,6 @@ def llava_config(text_config: Any, image_token_id: int) -> Any:
     )
 
 
-class VisionSide(torch.nn.Module):
-    """The trainable part of the demo VLM, named as inside ``LlavaModel`` so weights transfer 1:1.
-
-    ``forward`` is ``LlavaModel.get_image_features`` for this configuration (last encoder
-    layer, CLS token dropped, then the projector); a test checks the two agree on the
-    assembled model.
-    """
-
-    def __init__(self, config: Any) -> None:
-        super().__init__()
-        from transformers import CLIPVisionModel
-        from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
-
-        self.vision_tower = CLIPVisionModel(config.vision_config)
-        self.multi_modal_projector = LlavaMultiModalProjector(config)
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        hidden = self.vision_tower(pixel_values, output_hidden_states=True).hidden_states[-1][:, 1:]
-        return self.multi_modal_projector(hidden)
-
-
 def image_processor() -> Any:
     from transformers import CLIPImageProcessor
 
@@ -172,18 +151,6 @@ def _assembled_state(lm: torch.nn.Module, vision: dict[str, torch.Tensor], image
     # The <image> row is never read (image features replace it) and its logit is suppressed.
     text["model.language_model.embed_tokens.weight"] = torch.cat([embed, embed.mean(0, keepdim=True)])
     return {**text, **{f"model.{k}": v.float() for k, v in vision.items()}}
-
-
-def description_embeddings(embed: torch.Tensor, tokenizer: Any, sentences: Sequence[str]) -> torch.Tensor:
-    """Training targets: each sentence's input embeddings, padded with spaces to ``IMAGE_TOKENS``."""
-    pad = tokenizer.encode(" ", add_special_tokens=False)
-    rows = []
-    for sentence in sentences:
-        ids = tokenizer.encode(sentence, add_special_tokens=False)
-        if len(ids) > IMAGE_TOKENS:
-            raise CrvlmError(f"description longer than {IMAGE_TOKENS} tokens: {sentence!r}")
-        rows.append(ids + pad * (IMAGE_TOKENS - len(ids)))
-    return embed[torch.tensor(rows)]
 
 
 def answer(model: torch.nn.Module, processor: Any, questions: Sequence[str], images: Sequence[Any],

@@ -17,9 +17,10 @@ import argparse
 import tempfile
 import time
 
+from star_pictures import write_star_pictures
+
 from crvlm_sdk import Sample, Steerer, load_model
 from crvlm_sdk.bundle.artifact import Bundle
-from crvlm_sdk.demo.shape_policies import write_star_pictures
 from crvlm_sdk.evaluation.evaluate import System, run_systems
 from crvlm_sdk.plugins.manager import get_plugin_manager
 
