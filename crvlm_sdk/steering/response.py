@@ -112,7 +112,7 @@ class ResponseShaper(LogitsProcessor):
 def end_of_sequence_id(model: torch.nn.Module, adapter: BackboneAdapter, override: int | Sequence[int] | None) -> int:
     """The token that ends a row: ``generate``'s own ``eos_token_id`` (first of a list)."""
     candidates = [override, getattr(getattr(model, "generation_config", None), "eos_token_id", None),
-                  getattr(getattr(adapter, "tokenizer", None), "eos_token_id", None)]
+                  getattr(adapter.tokenizer, "eos_token_id", None)]
     for value in candidates:
         if isinstance(value, (list, tuple)):
             value = value[0] if value else None
