@@ -118,3 +118,16 @@ def test_cli_refuses_to_overwrite_with_one_line(demo_dir: Path) -> None:
     result = CliRunner().invoke(app, ["demo-model", "--out", str(demo_dir)])
     assert result.exit_code == 1
     assert "already exists" in result.output and "Traceback" not in result.output
+
+
+def test_assembling_the_demo_prints_no_third_party_noise(tmp_path: Path) -> None:
+    """No GGUF or shard-writing bars, no torchvision notice: crvlm's own lines only."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "crvlm_sdk.cli", "demo-model", "--out", str(tmp_path / "vlm")],
+                          capture_output=True, text=True, check=True)
+    printed = done.stdout + done.stderr
+    for noise in ("it/s", "torchvision", "de-quantizing", "Writing model shards", "Loading weights"):
+        assert noise not in printed, (noise, printed)
+    assert "demo VLM written to" in printed

@@ -28,7 +28,7 @@ import torch
 from crvlm_sdk.adapters.templates import CHATML_VLM
 from crvlm_sdk.errors import CrvlmError, ModelLoadError
 from crvlm_sdk.files import atomic_directory
-from crvlm_sdk.models.loading import load_model
+from crvlm_sdk.models.loading import load_model, quiet_transformers
 
 IMAGE_TOKEN = "<image>"
 #: Vision tower shape: 64-pixel pictures in 16-pixel patches, so 16 image tokens per picture.
@@ -116,7 +116,8 @@ def build_demo_model(out: str | Path, *, weights: str | Path | None = None, over
     if not weights.is_file():
         raise ModelLoadError(f"demo VLM weights not found: {weights}", hint="reinstall crvlm, or pass --weights")
     lm, tokenizer = load_smollm2()
-    processor = make_processor(tokenizer)
+    with quiet_transformers():
+        processor = make_processor(tokenizer)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     config = llava_config(lm.config, image_token_id)
     with torch.device("meta"):
@@ -133,7 +134,7 @@ def build_demo_model(out: str | Path, *, weights: str | Path | None = None, over
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.suppress_tokens = [image_token_id]
     model.generation_config.do_sample = False
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out) as tmp, quiet_transformers():
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         (tmp / "crvlm_demo_vlm.json").write_text(json.dumps({

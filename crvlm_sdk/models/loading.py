@@ -61,16 +61,19 @@ def parse_dtype(name: str) -> torch.dtype:
 
 
 @contextlib.contextmanager
-def _without_progress_bars() -> Iterator[None]:
-    """Loading a 135M model takes seconds; transformers' weight-loading bar would bury crvlm's
-    own output."""
+def quiet_transformers() -> Iterator[None]:
+    """transformers' progress bars and notices off for the block: loading or saving a 135M model
+    takes seconds, and its bars and backend notices (no torchvision, so the Pillow image
+    processors are used, as crvlm intends) would bury crvlm's own output. Errors still raise."""
     from transformers.utils import logging as hf_logging
 
-    was_enabled = hf_logging.is_progress_bar_enabled()
+    was_enabled, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     try:
         yield
     finally:
+        hf_logging.set_verbosity(verbosity)
         if was_enabled:
             hf_logging.enable_progress_bar()
 
@@ -98,7 +101,7 @@ def load_model(
     if gguf_file is not None and not (path / gguf_file).is_file():
         raise ModelLoadError(f"GGUF file not found: {path / gguf_file}")
     try:
-        with _without_progress_bars():
+        with quiet_transformers():
             net, processor = _load(path, gguf_file, torch_dtype)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load model from {path}: {str(exc).splitlines()[0]}") from exc
