@@ -6,7 +6,7 @@ expects and the transformers versions it was tested with.
 
 from __future__ import annotations
 
-from crvlm_sdk.hookspecs import hookimpl
+from crvlm_sdk.plugins.hookspecs import hookimpl
 
 
 @hookimpl

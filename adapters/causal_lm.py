@@ -20,8 +20,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from crvlm_sdk.interfaces import ImageInput
-from crvlm_sdk.prompts import ChatTemplateAdapter
+from crvlm_sdk.adapters.chat import ChatTemplateAdapter
+from crvlm_sdk.types import ImageInput
 
 
 class CausalLMAdapter(ChatTemplateAdapter):

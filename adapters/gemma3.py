@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from crvlm_sdk.vlm_adapter import VisionChatAdapter
+from crvlm_sdk.adapters.vision import VisionChatAdapter
 
 
 class Gemma3Adapter(VisionChatAdapter):

@@ -22,7 +22,7 @@ where an image goes; the processor tiles the image by aspect ratio (``crop_to_pa
 with the image. Several images per prompt are supported.
 
 Without torchvision, ``AutoProcessor`` cannot build ``InternVLProcessor`` (video processor);
-:func:`crvlm_sdk.processors.load_processor` builds it without the video part, with
+:func:`crvlm_sdk.models.processors.load_processor` builds it without the video part, with
 ``GotOcr2ImageProcessorPil``.
 
 Tested with transformers 5.24 on tiny random models (Qwen2 text model) with a real
@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from crvlm_sdk.vlm_adapter import VisionChatAdapter
+from crvlm_sdk.adapters.vision import VisionChatAdapter
 
 
 class InternVLAdapter(VisionChatAdapter):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from crvlm_sdk.vlm_adapter import VisionChatAdapter
+from crvlm_sdk.adapters.vision import VisionChatAdapter
 
 
 class LlavaAdapter(VisionChatAdapter):

@@ -15,7 +15,7 @@ The LLaVA-NeXT layout and any-res prompting (:mod:`crvlm_adapters.llava_next`), 
 text model and its own chat template (``<|im_start|>user <image>\\nquestion<|im_end|>``); large
 grids are pooled to at most ``anyres_max_9`` worth of tokens, so the image-token count still
 varies with the image. ``LlavaOnevisionProcessor`` owns a video processor, so without
-torchvision it is built by :func:`crvlm_sdk.processors.load_processor` without the video part.
+torchvision it is built by :func:`crvlm_sdk.models.processors.load_processor` without the video part.
 
 Tested with transformers 5.24 on tiny random models (SigLIP tower, Qwen2 text model) with a
 real ``LlavaOnevisionProcessor`` and ``LlavaOnevisionImageProcessorPil``.

@@ -18,7 +18,7 @@ which crvlm never touches.
 
 Tested with transformers 5.24 on tiny random models with a real ``Qwen2_5_VLProcessor`` and
 ``Qwen2VLImageProcessorPil`` (built without the video processor, see
-:mod:`crvlm_sdk.processors`).
+:mod:`crvlm_sdk.models.processors`).
 """
 
 from __future__ import annotations

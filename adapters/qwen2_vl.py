@@ -21,7 +21,7 @@ adapter makes sure every row carries ``mm_token_type_ids`` (1 on image tokens), 
 collator left-pads like ``input_ids``. Several images per prompt are supported.
 
 Without torchvision, ``AutoProcessor`` cannot build ``Qwen2VLProcessor`` (its video processor
-needs torchvision); :func:`crvlm_sdk.processors.load_processor` builds it without the video part.
+needs torchvision); :func:`crvlm_sdk.models.processors.load_processor` builds it without the video part.
 
 Tested with transformers 5.24 on tiny random models (real patch geometry: 14 px patches,
 2×2 merge) with a real ``Qwen2VLProcessor`` and ``Qwen2VLImageProcessorPil``.
@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from crvlm_sdk.vlm_adapter import VisionChatAdapter
+from crvlm_sdk.adapters.vision import VisionChatAdapter
 
 
 class Qwen2VLAdapter(VisionChatAdapter):

@@ -29,10 +29,11 @@ from typing import Any
 import torch
 
 from crvlm_sdk import get_plugin_manager, load_model
-from crvlm_sdk.backbones import adapter_for
-from crvlm_sdk.build import BuildOptions, fit_gate, gate_layers
-from crvlm_sdk.capture import capture
-from crvlm_sdk.interfaces import BackboneAdapter
+from crvlm_sdk.activations.capture import capture
+from crvlm_sdk.adapters.base import BackboneAdapter
+from crvlm_sdk.build.gate import fit_gate, gate_layers
+from crvlm_sdk.build.options import BuildOptions
+from crvlm_sdk.plugins.adapters import adapter_for
 from crvlm_sdk.policy import Policy
 
 ROOT = Path(__file__).resolve().parents[1]

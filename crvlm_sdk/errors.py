@@ -7,6 +7,8 @@ instead of a traceback; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
 
 class CrvlmError(Exception):
     """A user-facing error: ``str(err)`` is one line; ``hint`` says what to do about it."""
@@ -40,3 +42,14 @@ class ModelLoadError(CrvlmError):
     """A model directory or GGUF file cannot be found or loaded."""
 
     exit_code = 6
+
+
+class PolicyError(CrvlmError):
+    """A policy file or one of its data files is wrong."""
+
+
+def field_error(exc: ValidationError) -> str:
+    """pydantic's first complaint as one line: ``field `a.b`: message``."""
+    first = exc.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(root)"
+    return f"field `{loc}`: {first['msg']}"

@@ -32,18 +32,14 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from crvlm_sdk.errors import CrvlmError
-from crvlm_sdk.interfaces import Sample
+from crvlm_sdk.errors import PolicyError, field_error
+from crvlm_sdk.types import Sample
 
 DEFAULT_INSTRUCTION = "Say 'Sorry, I cannot answer that question.' if the question is NOT about {subject}."
 DEFAULT_OPENING = "I'm sorry, but"
 DEFAULT_MESSAGE = "I'm sorry, but I can only help with {subject}."
 _PLACEHOLDERS = {"subject", "name", "description"}
 MIN_SPLIT = 4  # fewer examples than this per class in a split cannot train or calibrate anything
-
-
-class PolicyError(CrvlmError):
-    """A policy file or one of its data files is wrong."""
 
 
 class Policy(BaseModel):
@@ -95,9 +91,7 @@ class Policy(BaseModel):
         try:
             return cls.model_validate({**raw, "base_dir": path.parent, "source": str(path)})
         except ValidationError as exc:
-            first = exc.errors()[0]
-            loc = ".".join(str(p) for p in first["loc"]) or "(root)"
-            raise PolicyError(f"{path}: field `{loc}`: {first['msg']}") from None
+            raise PolicyError(f"{path}: {field_error(exc)}") from None
 
     def _fill(self, template: str) -> str:
         return template.format(subject=self.subject, name=self.name, description=self.description)

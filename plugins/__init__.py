@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from crvlm_sdk.hookspecs import hookimpl
+from crvlm_sdk.plugins.hookspecs import hookimpl
 
 
 @hookimpl

@@ -21,8 +21,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from crvlm_sdk.capture import capture
-from crvlm_sdk.interfaces import BackboneAdapter, Sample, VisualAligner
+from crvlm_sdk.activations.capture import capture
+from crvlm_sdk.adapters.base import BackboneAdapter
+from crvlm_sdk.components import VisualAligner
+from crvlm_sdk.types import Sample
 
 #: The "question" of an image-only prompt. An empty user text is not accepted by every chat
 #: template, so a neutral request that carries no topic is used instead.

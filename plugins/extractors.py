@@ -7,9 +7,11 @@ from typing import Any, ClassVar
 
 import torch
 
-from crvlm_sdk.capture import capture, capture_forced
+from crvlm_sdk.activations.capture import capture, capture_forced
+from crvlm_sdk.adapters.base import BackboneAdapter
+from crvlm_sdk.components import VectorExtractor
 from crvlm_sdk.errors import CrvlmError
-from crvlm_sdk.interfaces import BackboneAdapter, Sample, VectorExtractor
+from crvlm_sdk.types import Sample
 
 
 class TeacherForcedExtractor(VectorExtractor):

@@ -7,8 +7,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from crvlm_sdk.components import Gate
 from crvlm_sdk.errors import CrvlmError
-from crvlm_sdk.interfaces import Gate
 
 
 class AlwaysGate(Gate):

@@ -10,8 +10,9 @@ from typing import Any, ClassVar
 
 import torch
 
+from crvlm_sdk.components import RefusalJudge
 from crvlm_sdk.errors import CrvlmError
-from crvlm_sdk.interfaces import RefusalJudge, Verdict
+from crvlm_sdk.types import Verdict
 
 #: Phrases that open a refusal. Matched case-insensitively, as whole words, in the *opening*
 #: of the answer (first sentence or first 160 characters), because helpful answers often say

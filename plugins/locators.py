@@ -2,9 +2,9 @@
 
 Strength is expressed relative to the residual stream: ``strength = α·‖v_l‖ / ‖h_l‖`` is the
 fraction of the layer's typical residual norm that one layer of steering adds (averaged over
-the band). The usable window is narrow (on SmolLM2 single layers at 0.8–1.2 for rotation and
-0.6–0.9 additive; more breaks fluency, less does nothing), so the sweep searches it on
-validation data instead of trusting a constant.
+the band). The usable window is narrow (more breaks fluency, less does nothing), so the sweep
+searches it on validation data instead of trusting a constant; the measurements behind the
+grids are in ``examples/policies/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, ClassVar
 
+from crvlm_sdk.components import CandidateEvaluator, LayerLocator
 from crvlm_sdk.errors import CrvlmError
-from crvlm_sdk.interfaces import Candidate, CandidateEvaluator, LayerChoice, LayerLocator
+from crvlm_sdk.types import Candidate, LayerChoice
 
 #: (band width, relative strengths to try) per operator; wider bands need less per layer.
 DEFAULT_GRID: tuple[tuple[int, tuple[float, ...]], ...] = (
@@ -24,9 +25,8 @@ DEFAULT_GRID: tuple[tuple[int, tuple[float, ...]], ...] = (
     (3, (0.3, 0.4, 0.5)),
 )
 
-#: The norm-preserving rotation takes back part of each push, so it needs larger strengths;
-#: on SmolLM2 single layers refused from about 0.9 and three-layer bands only broke the text
-#: (travel/programming validation, examples/policies/RESULTS.md).
+#: The norm-preserving rotation takes back part of each push, so it needs larger strengths
+#: (and single layers: wider rotated bands broke the text in every measurement so far).
 ROTATION_GRID: tuple[tuple[int, tuple[float, ...]], ...] = (
     (1, (0.8, 0.9, 1.0, 1.1, 1.2)),
 )

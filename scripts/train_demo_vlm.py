@@ -2,17 +2,17 @@
 
     python scripts/train_demo_vlm.py [--steps 4000] [--seed 0]
 
-Writes ``crvlm_sdk/data/demo_vlm/vision.safetensors`` (float16) and ``train_log.txt`` next to
+Writes ``crvlm_sdk/demo/data/demo_vlm/vision.safetensors`` (float16) and ``train_log.txt`` next to
 it. The objective needs no back-propagation through the language model: for each picture, the
 16 projected image tokens are regressed onto SmolLM2's input embeddings of a sentence that
-describes the picture (:meth:`crvlm_sdk.shapes.Scene.description`: "The image shows stars: two
+describes the picture (:meth:`crvlm_sdk.demo.shapes.Scene.description`: "The image shows stars: two
 large blue stars. Colour: blue.", padded with spaces), by mean
 squared error (relative to the targets' mean square) plus cosine distance. Auxiliary linear
 heads on the mean-pooled tower output classify shape, colour, count and size during
 training (they are not part of the model and are not saved): they give the tower a direct
 signal for the attribute that is hardest to see at 64 pixels, the shape. Pictures are drawn
 fresh for every step from per-step seeds, so the tower never sees the same picture twice and
-no held-out picture (:data:`crvlm_sdk.demo_vlm.CHECK_SEED` and up) is ever trained on.
+no held-out picture (:data:`crvlm_sdk.demo.vlm.CHECK_SEED` and up) is ever trained on.
 
 Runs on 2 idle CPU cores in about 16 minutes for the default steps (15.4 min for the committed weights).
 """
@@ -24,18 +24,54 @@ import json
 import math
 import random
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from crvlm_sdk import demo_vlm, shapes
+from crvlm_sdk.demo import shapes
+from crvlm_sdk.demo import vlm as demo_vlm
 
 OUT = Path(__file__).resolve().parent.parent / "crvlm_sdk" / "data" / "demo_vlm"
 MEAN = torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1)  # CLIPImageProcessor's defaults
 STD = torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
+
+
+class VisionSide(torch.nn.Module):
+    """The trainable part of the demo VLM, named as inside ``LlavaModel`` so weights transfer 1:1.
+
+    ``forward`` is ``LlavaModel.get_image_features`` for this configuration (last encoder
+    layer, CLS token dropped, then the projector); a test checks the two agree on the
+    assembled model.
+    """
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        from transformers import CLIPVisionModel
+        from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+        self.vision_tower = CLIPVisionModel(config.vision_config)
+        self.multi_modal_projector = LlavaMultiModalProjector(config)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        hidden = self.vision_tower(pixel_values, output_hidden_states=True).hidden_states[-1][:, 1:]
+        return self.multi_modal_projector(hidden)
+
+
+def description_embeddings(embed: torch.Tensor, tokenizer: Any, sentences: Sequence[str]) -> torch.Tensor:
+    """Training targets: each sentence's input embeddings, padded with spaces to ``demo_vlm.IMAGE_TOKENS``."""
+    pad = tokenizer.encode(" ", add_special_tokens=False)
+    rows = []
+    for sentence in sentences:
+        ids = tokenizer.encode(sentence, add_special_tokens=False)
+        if len(ids) > demo_vlm.IMAGE_TOKENS:
+            raise ValueError(f"description longer than {demo_vlm.IMAGE_TOKENS} tokens: {sentence!r}")
+        rows.append(ids + pad * (demo_vlm.IMAGE_TOKENS - len(ids)))
+    return embed[torch.tensor(rows)]
 
 
 def pixels(images: list) -> torch.Tensor:
@@ -52,7 +88,7 @@ ATTRIBUTES = {
 def batch(seed: int, n: int, embed: torch.Tensor, tokenizer) -> tuple[torch.Tensor, torch.Tensor, dict]:
     scenes = shapes.make_scenes(seed, n)
     sentences = [scene.description() for _, scene in scenes]
-    targets = demo_vlm.description_embeddings(embed, tokenizer, sentences)
+    targets = description_embeddings(embed, tokenizer, sentences)
     labels = {k: torch.tensor([values.index(getattr(s, k)) for _, s in scenes]) for k, values in ATTRIBUTES.items()}
     return pixels([img for img, _ in scenes]), targets, {"sentences": sentences, **labels}
 
@@ -75,7 +111,7 @@ def loss_fn(pred: torch.Tensor, target: torch.Tensor, scale: float) -> tuple[tor
 
 
 @torch.no_grad()
-def token_accuracy(model: demo_vlm.VisionSide, px: torch.Tensor, target_ids: torch.Tensor, embed_n: torch.Tensor
+def token_accuracy(model: VisionSide, px: torch.Tensor, target_ids: torch.Tensor, embed_n: torch.Tensor
                    ) -> tuple[float, float]:
     """Nearest-embedding decoding of the image tokens: per-token and whole-sentence accuracy."""
     pred = torch.nn.functional.normalize(model(px), dim=-1)
@@ -110,7 +146,7 @@ def main() -> None:
     from transformers import AutoConfig
 
     config = demo_vlm.llava_config(AutoConfig.for_model("llama", hidden_size=embed.shape[1]), image_token_id)
-    model = demo_vlm.VisionSide(config)
+    model = VisionSide(config)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"vision side: {n_params / 1e6:.2f} M parameters; config {json.dumps(demo_vlm.VISION_CONFIG)}")
 

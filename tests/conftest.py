@@ -6,13 +6,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from crvlm_plugins.gates import ProbeGate
-from crvlm_sdk import Bundle, LayerGates, Sample, Steerer, adapter_for, capture, load_model, testing
-from crvlm_sdk.models import find_smollm2_gguf
+from crvlm_sdk import Bundle, Steerer, adapter_for, load_model, testing
+from crvlm_sdk.models.loading import find_smollm2_gguf
+from crvlm_sdk.testing import random_bundle
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -108,48 +109,44 @@ def tiny_llama(tiny_llama_dir: Path):
     return model, processor, adapter_for(model, processor)
 
 
-GATE_QUESTIONS = [
+GATE_QUESTIONS = (
     "What is the capital of France?",
     "How do I bake bread at home?",
     "Tell me a joke about cats.",
     "Name three colours.",
     "Why is the sky blue?",
     "Write a haiku about rain.",
-]
+)
 
 
 def make_bundle(adapter, *, name: str = "test", layers=(1, 2), gate_layer: int | tuple[int, ...] = 0,
                 alpha: float = 2.0, operator: str = "additive", seed: int = 0, gate=None,
                 decode_steps: int | None = None) -> Bundle:
-    """A bundle with random unit vectors and a random soft probe gate (one per layer when
-    ``gate_layer`` is a tuple: the gate then reads several layers).
-
-    The probe standardises with statistics of real prompts at the gate layer, so on a tiny
-    random model (where rows differ only slightly) its scores still vary clearly by row.
-    """
-    g = torch.Generator().manual_seed(seed)
-    hidden = adapter.hidden_size
-    vectors = {layer: torch.nn.functional.normalize(torch.randn(hidden, generator=g), dim=0) for layer in layers}
-    gate_at = gate_layer if isinstance(gate_layer, tuple) else (gate_layer,)
+    """Random unit vectors and random soft probe gates (:func:`crvlm_sdk.testing.random_bundle`),
+    or the given ``gate`` read at ``gate_layer``."""
     if gate is None:
-        rows = capture(adapter, [Sample(q) for q in GATE_QUESTIONS], list(gate_at), keep=True, progress=False)
-        probes = {}
-        for layer in gate_at:
-            h = rows.rows(layer)
-            probes[layer] = ProbeGate(torch.randn(hidden, generator=g), torch.zeros(()), h.mean(0),
-                                      h.std(0).clamp_min(1e-6), temperature=4.0)
-        gate = LayerGates(probes)
-    return Bundle.create(
-        adapter=adapter,
-        policy={"name": name, "subject": "testing"},
-        vectors=vectors,
-        gate=gate,
-        gate_layer=None if isinstance(gate, LayerGates) else gate_layer,
-        alpha=alpha,
-        operator=operator,
-        decode_steps=decode_steps,
-    )
+        return random_bundle(adapter, gate_layer=gate_layer, band=layers, alpha=alpha, seed=seed, name=name,
+                             operator=operator, decode_steps=decode_steps, questions=GATE_QUESTIONS)
+    g = torch.Generator().manual_seed(seed)
+    vectors = {layer: torch.nn.functional.normalize(torch.randn(adapter.hidden_size, generator=g), dim=0)
+               for layer in layers}
+    return Bundle.create(adapter=adapter, policy={"name": name, "subject": "testing"}, vectors=vectors, gate=gate,
+                         gate_layer=gate_layer, alpha=alpha, operator=operator, decode_steps=decode_steps)
 
 
 def steerer_for(adapter, *bundles: Bundle) -> Steerer:
     return Steerer(adapter, list(bundles))
+
+
+def load_module(path: Path) -> Any:
+    """Import a script or example file that is not part of a package (by path, once)."""
+    import importlib.util
+
+    name = f"_crvlm_test_{path.stem}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

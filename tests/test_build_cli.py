@@ -10,8 +10,8 @@ import torch
 from typer.testing import CliRunner
 
 from crvlm_sdk import Bundle, load_model
-from crvlm_sdk.build import build_bundle
-from crvlm_sdk.cli import app
+from crvlm_sdk.build.pipeline import build_bundle
+from crvlm_sdk.cli.app import app
 
 runner = CliRunner()
 
@@ -117,7 +117,7 @@ def test_response_settings_given_on_the_command_line_are_kept(tiny_llama_dir, sm
 
 
 def test_eval_runs_every_ablation(tiny_llama_dir, small_policy, tmp_path):
-    from crvlm_sdk.evaluate import SYSTEMS
+    from crvlm_sdk.evaluation.evaluate import SYSTEMS
 
     model, processor = load_model(tiny_llama_dir)
     build_bundle(model, processor, small_policy, progress=False, batch_size=4, locator="fixed",
@@ -186,8 +186,8 @@ def test_build_extracts_vectors_only_where_the_locator_may_steer(tiny_llama_dir,
 def test_candidate_scorer_generates_each_candidate_once():
     """A stage that proposes an already-scored candidate (the image-weight stage starts from the
     chosen one) reuses its score: decoding is greedy, generating it again would only cost time."""
-    from crvlm_sdk.build import CandidateScorer
-    from crvlm_sdk.interfaces import Candidate
+    from crvlm_sdk.build.scoring import CandidateScorer
+    from crvlm_sdk.types import Candidate
 
     calls: list[list[Candidate]] = []
 
@@ -232,8 +232,9 @@ def test_rejudge_rescores_stored_answers(tiny_llama_dir, small_policy, tmp_path)
 
 @pytest.mark.parametrize("ensemble", [True, False])
 def test_gate_keeps_every_layer_tied_best_on_validation(tiny_llama, small_policy, ensemble):
-    from crvlm_sdk.build import BuildOptions, fit_gate
-    from crvlm_sdk.plugins import get_plugin_manager
+    from crvlm_sdk.build.gate import fit_gate
+    from crvlm_sdk.build.options import BuildOptions
+    from crvlm_sdk.plugins.manager import get_plugin_manager
     from crvlm_sdk.policy import Policy
 
     _, _, adapter = tiny_llama

@@ -10,7 +10,7 @@ import torch
 from conftest import make_bundle
 
 from crvlm_sdk import Bundle, BundleError, BundleWarning, adapter_for, load_model
-from crvlm_sdk.bundle import MANIFEST, TENSORS
+from crvlm_sdk.bundle.manifest import MANIFEST, TENSORS
 
 
 def edit_manifest(path, **changes) -> None:
@@ -157,7 +157,7 @@ def test_format_1_0_bundle_without_decode_steps_steers_every_token(saved):
 
 
 def test_response_settings_round_trip(tiny_llama, tmp_path):
-    from crvlm_sdk.bundle import ResponseSpec
+    from crvlm_sdk.bundle.manifest import ResponseSpec
 
     _, _, adapter = tiny_llama
     spec = ResponseSpec(opening="I'm sorry, but", stop_sentences=1, message="No.", threshold=0.6)
@@ -249,7 +249,28 @@ def test_failed_save_leaves_nothing(tiny_llama, tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("crvlm_sdk.bundle.Manifest.model_dump_json", boom)
+    monkeypatch.setattr("crvlm_sdk.bundle.manifest.Manifest.model_dump_json", boom)
     with pytest.raises(OSError, match="disk full"):
         bundle.save(tmp_path / "b")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_save_pretrained_writes_a_model_card_and_loads_like_peft(tiny_llama, tiny_llama_dir, tmp_path):
+    from crvlm_sdk import Steerer
+
+    model, processor, adapter = tiny_llama
+    bundle = make_bundle(adapter, layers=(1, 2), gate_layer=(0, 3)).replaced(
+        validation={"srs": 0.95, "brs": 0.02, "n_in": 40, "n_out": 40, "judge": "strict", "gate_caught": 0.97,
+                    "gate_flagged": 0.01})
+    assert bundle.manifest.base_model_name_or_path == str(tiny_llama_dir)
+    path = bundle.save_pretrained(tmp_path / "card")
+    card = (path / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: crvlm\nbase_model: ")
+    for expected in ("# crvlm refusal bundle: test", "| gate | probe at layers 0, 3 |", "layers [1, 2]",
+                     "clean refusals 0.950", "Steerer.from_pretrained(model, \"card\", processor)"):
+        assert expected in card, expected
+    loaded = Bundle.from_pretrained(path, adapter=adapter)
+    assert loaded.manifest == bundle.manifest
+    steerer = Steerer.from_pretrained(model, path, processor)
+    assert steerer.bundle_names == ["test"]
+    assert sorted(p.name for p in path.iterdir()) == ["README.md", "manifest.json", "tensors.safetensors"]

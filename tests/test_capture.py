@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from crvlm_sdk import CrvlmError, Sample, capture
-from crvlm_sdk.capture import MIN_SHARED_PREFIX, _LayerReader, capture_forced, position_weights
+from crvlm_sdk.activations.capture import MIN_SHARED_PREFIX, _LayerReader, capture_forced, position_weights
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -118,7 +118,7 @@ def test_forced_prefixes_cached_path_on_llama(tiny_llama, caplog):
                           share_prompt=False)
     for got, want in zip(shared, full, strict=True):
         torch.testing.assert_close(got.rows(3), want.rows(3), rtol=1e-4, atol=1e-5)
-    with caplog.at_level("INFO", logger="crvlm_sdk.capture"):
+    with caplog.at_level("INFO", logger="crvlm_sdk.activations.capture"):
         capture_forced(adapter, samples, [1], prefixes, progress=False)
     assert "differs" not in caplog.text
 
@@ -140,7 +140,7 @@ def test_forced_prefixes_fall_back_where_the_cache_cannot_continue(tiny_vlm_dirs
     samples = [Sample(q, Image.new("RGB", (40, 30), (60 * i, 20, 200)) if i % 2 == 0 else None)
                for i, q in enumerate(QUESTIONS[:3])]
     prefixes = ["Sorry, I can't", "Sure"]
-    with caplog.at_level("INFO", logger="crvlm_sdk.capture"):
+    with caplog.at_level("INFO", logger="crvlm_sdk.activations.capture"):
         auto = capture_forced(adapter, samples, [1], prefixes, keep=True, progress=False)
     assert "running full passes" in caplog.text
     full = capture_forced(adapter, samples, [1], prefixes, keep=True, progress=False, share_prompt=False)
@@ -220,7 +220,7 @@ def test_shared_prefix_falls_back_where_positions_are_not_1d(tiny_vlm_dirs, capl
     adapter = adapter_for(model, processor)
     samples = [Sample(q, Image.new("RGB", (40, 30), (60 * i, 20, 200))) for i, q in enumerate(QUESTIONS[:3])]
     system = "Only answer questions about cooking, and say sorry otherwise."
-    with caplog.at_level("INFO", logger="crvlm_sdk.capture"):
+    with caplog.at_level("INFO", logger="crvlm_sdk.activations.capture"):
         auto = capture(adapter, samples, [1], system=system, keep=True, progress=False)
     assert "running full passes" in caplog.text
     full = capture(adapter, samples, [1], system=system, keep=True, progress=False, share_prefix=False)

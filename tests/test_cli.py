@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 from conftest import make_bundle
 from typer.testing import CliRunner
 
-from crvlm_sdk.bundle import MANIFEST, TENSORS
-from crvlm_sdk.cli import app
+from crvlm_sdk.bundle.manifest import MANIFEST, TENSORS
+from crvlm_sdk.cli.app import app
 
 runner = CliRunner()
 
@@ -69,3 +71,28 @@ def test_plugins_lists_builtins():
     assert result.exit_code == 0
     for text in ("llava", "causal-lm", "probe", "teacher-forced", "LlavaForConditionalGeneration"):
         assert text in result.output
+
+
+def test_listings_piped_keep_identifiers_whole_and_speak_json(tmp_path):
+    """``crvlm plugins | grep Qwen2VL`` works on an 80-column pipe; --json parses."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "COLUMNS": "80"}
+    piped = subprocess.run([sys.executable, "-m", "crvlm_sdk.cli", "plugins"], capture_output=True, text=True,
+                           env=env, check=True).stdout
+    for name in ("Qwen2VLForConditionalGeneration", "LlavaOnevisionForConditionalGeneration",
+                 "model.language_model.layers"):
+        assert name in piped, name
+    listed = json.loads(subprocess.run([sys.executable, "-m", "crvlm_sdk.cli", "plugins", "--json"],
+                                       capture_output=True, text=True, env=env, check=True).stdout)
+    qwen = next(a for a in listed["adapters"] if a["name"] == "qwen2-vl")
+    assert "Qwen2VLForConditionalGeneration" in qwen["claims"]
+    assert {"kind": "gate", "name": "probe", "provider": "crvlm_plugins"} in listed["components"]
+    fixture = Path(__file__).parent / "fixtures" / "bundle-cooking-1.3"
+    shown = json.loads(subprocess.run([sys.executable, "-m", "crvlm_sdk.cli", "inspect", str(fixture), "--json"],
+                                      capture_output=True, text=True, env=env, check=True).stdout)
+    assert shown["manifest"]["policy"]["name"] == "cooking" and shown["tensors"]["gate.27.weight"] == [576]
+    verified = json.loads(subprocess.run([sys.executable, "-m", "crvlm_sdk.cli", "verify", str(fixture), "--json"],
+                                         capture_output=True, text=True, env=env, check=True).stdout)
+    assert verified == {"ok": True, "path": str(fixture), "bundle": "cooking", "model": None}

@@ -15,8 +15,9 @@ NEW = {"max_new_tokens": 6, "min_new_tokens": 6}
 def test_static_cache_compiled_generate_matches_eager(tiny_llama):
     model, _, adapter = tiny_llama
     first = steerer_for(adapter, make_bundle(adapter, layers=(1, 2), gate_layer=0, alpha=8.0, seed=0))
-    # Same hook layout, different vectors: dynamo does not guard on hook identity, so a graph
-    # compiled under `first` would silently keep steering with `first`'s hooks.
+    # Same hook layout, different vectors: were a graph compiled under `first` reused under
+    # `second`, it would keep steering with `first`'s vectors. The assertions below decide what
+    # torch does: it re-checks module hooks, so `second` gets its own graph (as steerer.py says).
     second = steerer_for(adapter, make_bundle(adapter, layers=(1, 2), gate_layer=0, alpha=8.0, seed=5))
     scores = first.gate_scores(PROMPTS)["test"]
     assert abs(float(scores[0] - scores[1])) > 0.1, "the two prompts must get different gates"
@@ -47,7 +48,7 @@ def test_static_cache_compiled_generate_matches_eager(tiny_llama):
 
 def test_response_shaping_under_compiled_decoding(tiny_llama):
     """The shaper reads the gate buffers from a logits processor: compiled decoding changes nothing."""
-    from crvlm_sdk.bundle import ResponseSpec
+    from crvlm_sdk.bundle.manifest import ResponseSpec
 
     model, _, adapter = tiny_llama
     bundle = make_bundle(adapter, layers=(1, 2), gate_layer=0, alpha=8.0, seed=0)

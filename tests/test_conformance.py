@@ -16,7 +16,6 @@ from crvlm_adapters.causal_lm import CausalLMAdapter
 from crvlm_adapters.internvl import InternVLAdapter
 from crvlm_adapters.qwen2_vl import Qwen2VLAdapter
 from crvlm_sdk import PluginManager
-from crvlm_sdk.interfaces import Fingerprint, PromptBatch
 from crvlm_sdk.testing import (
     CONFORMANCE_CHECKS,
     ConformanceError,
@@ -27,6 +26,7 @@ from crvlm_sdk.testing import (
     check_prompts_identical_for_extraction_and_generation,
     run_conformance,
 )
+from crvlm_sdk.types import Fingerprint, PromptBatch
 
 
 def test_every_builtin_adapter_has_a_conformance_fixture():

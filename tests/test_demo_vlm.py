@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_bundle, needs_smollm2
+from conftest import load_module, make_bundle, needs_smollm2
 from safetensors.torch import load_file
 
-from crvlm_sdk import Bundle, adapter_for, demo_vlm, load_model
+from crvlm_sdk import Bundle, adapter_for, load_model
+from crvlm_sdk.demo import vlm as demo_vlm
 from crvlm_sdk.errors import BundleError, CrvlmError
 
 pytestmark = needs_smollm2
@@ -66,10 +67,11 @@ def test_language_model_is_smollm2_unchanged(demo, smollm2) -> None:
 def test_training_module_computes_llava_image_features(demo) -> None:
     """What the training script optimised is exactly what the assembled model feeds the LM."""
     model, processor = demo
-    side = demo_vlm.VisionSide(model.config)
+    training = load_module(Path(__file__).resolve().parents[1] / "scripts" / "train_demo_vlm.py")
+    side = training.VisionSide(model.config)
     side.load_state_dict({k: v.float() for k, v in load_file(str(demo_vlm.weights_path())).items()})
     side.eval()
-    from crvlm_sdk import shapes
+    from crvlm_sdk.demo import shapes
 
     images = [img for img, _ in shapes.make_scenes(demo_vlm.CHECK_SEED + 99, 3)]
     pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
@@ -111,8 +113,21 @@ def test_bundle_for_the_demo_vlm_is_refused_by_other_models(demo, smollm2, tmp_p
 def test_cli_refuses_to_overwrite_with_one_line(demo_dir: Path) -> None:
     from typer.testing import CliRunner
 
-    from crvlm_sdk.cli import app
+    from crvlm_sdk.cli.app import app
 
     result = CliRunner().invoke(app, ["demo-model", "--out", str(demo_dir)])
     assert result.exit_code == 1
     assert "already exists" in result.output and "Traceback" not in result.output
+
+
+def test_assembling_the_demo_prints_no_third_party_noise(tmp_path: Path) -> None:
+    """No GGUF or shard-writing bars, no torchvision notice: crvlm's own lines only."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "crvlm_sdk.cli", "demo-model", "--out", str(tmp_path / "vlm")],
+                          capture_output=True, text=True, check=True)
+    printed = done.stdout + done.stderr
+    for noise in ("it/s", "torchvision", "de-quantizing", "Writing model shards", "Loading weights"):
+        assert noise not in printed, (noise, printed)
+    assert "demo VLM written to" in printed

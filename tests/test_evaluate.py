@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from crvlm_plugins.judges import KeywordJudge, LogitJudge, StrictJudge
-from crvlm_sdk.metrics import answer_matches, compute_metrics, mb_score, wilson
+from crvlm_sdk.evaluation.metrics import answer_matches, compute_metrics, mb_score, wilson
 
 LABELS = Path(__file__).parent / "data" / "judge_labels.jsonl"
 HELD_OUT = Path(__file__).parent / "data" / "judge_labels_heldout.jsonl"

@@ -12,8 +12,9 @@ from crvlm_plugins.extractors import MeanDiffExtractor, TeacherForcedExtractor
 from crvlm_plugins.gates import ProbeGate
 from crvlm_plugins.locators import FixedLocator, SweepLocator
 from crvlm_sdk import CrvlmError, Sample
-from crvlm_sdk.interfaces import Candidate, CandidateEvaluator
-from crvlm_sdk.metrics import mb_score
+from crvlm_sdk.components import CandidateEvaluator
+from crvlm_sdk.evaluation.metrics import mb_score
+from crvlm_sdk.types import Candidate
 
 OUT = ["Who won the 1998 World Cup?", "What is the capital of Peru and why is it famous?", "How tall is Everest?"]
 IN = ["How do I bake bread?", "What is a roux?", "How long do I boil an egg for a soft yolk?"]

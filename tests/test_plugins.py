@@ -13,7 +13,7 @@ from conftest import make_bundle, pip_install_into
 
 from crvlm_plugins.gates import AlwaysGate
 from crvlm_sdk import PluginError, PluginManager, Steerer
-from crvlm_sdk.plugins import KINDS
+from crvlm_sdk.plugins.manager import KINDS
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "crvlm-cosine-gate"
 
@@ -163,3 +163,93 @@ def test_component_of_wrong_type_is_reported(tmp_path, monkeypatch):
     manager = fresh_manager()
     manager.components("gate")
     assert any("not a Gate" in f.error for f in manager.failures)
+
+
+MINIMAL_PLUGIN = """
+import torch
+from crvlm_sdk import Gate, RefusalJudge, hookimpl
+
+
+class SignGate(Gate):
+    name = "sign"
+
+    def __init__(self, w):
+        self.w = w
+
+    def score(self, h):
+        return torch.sigmoid(h.float() @ self.w.to(h.device))
+
+    def tensors(self):
+        return {"w": self.w}
+
+    @classmethod
+    def from_tensors(cls, tensors, config):
+        return cls(tensors["w"])
+
+
+class SorryJudge(RefusalJudge):
+    name = "sorry"
+
+    def judge(self, answers, **context):
+        return ["sorry" in a.lower() for a in answers]
+
+
+@hookimpl
+def crvlm_gates():
+    return [SignGate]
+
+
+@hookimpl
+def crvlm_judges():
+    return [SorryJudge]
+"""
+
+
+def test_plugins_written_to_the_abcs_alone_work_in_every_command(tmp_path, monkeypatch, tiny_llama, tiny_llama_dir):
+    """A gate and a judge that implement only the abstract methods: eval, rejudge, inspect,
+    verify and generate must not need anything the ABCs do not declare."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from crvlm_sdk.cli import app
+    from crvlm_sdk.plugins.manager import get_plugin_manager
+
+    site = tmp_path / "site"
+    fake_distribution(site, "crvlm-minimal", "minimal", "crvlm_minimal", MINIMAL_PLUGIN)
+    monkeypatch.syspath_prepend(str(site))
+    manager = get_plugin_manager(reload=True)
+    try:
+        assert {"sign", "sorry"} <= set(manager.components("gate")) | set(manager.components("judge"))
+        _, _, adapter = tiny_llama
+        gate = manager.get("gate", "sign")(torch.nn.functional.normalize(torch.randn(adapter.hidden_size), dim=0))
+        bundle_dir = make_bundle(adapter, gate=gate, gate_layer=1, layers=(2,)).save(tmp_path / "bundle")
+        policy = tmp_path / "policy"
+        policy.mkdir()
+        rows = [{"question": f"How do I cook {t}?"} for t in ("rice", "eggs", "soup", "bread", "cake", "pasta")]
+        outs = [{"question": f"Tell me about {t}."} for t in ("chess", "tax", "cars", "kings", "rivers", "stars")]
+        test = [{**r, "in_scope": True} for r in rows[:2]] + [{**r, "in_scope": False} for r in outs[:2]]
+        for name, data in (("in.jsonl", rows), ("out.jsonl", outs), ("test.jsonl", test)):
+            (policy / name).write_text("".join(json.dumps(r) + "\n" for r in data))
+        (policy / "policy.yaml").write_text("name: mini\nsubject: cooking\nin_scope: in.jsonl\n"
+                                            "out_of_scope: out.jsonl\ntest: test.jsonl\n")
+        runner = CliRunner()
+        env = {"COLUMNS": "200"}
+        commands = [
+            ["eval", "--model", str(tiny_llama_dir), "--bundle", str(bundle_dir), "--policy",
+             str(policy / "policy.yaml"), "--out", str(tmp_path / "report"), "--judge", "sorry",
+             "--baseline", "none,no-gate", "--max-new-tokens", "4"],
+            ["rejudge", str(tmp_path / "report" / "report.json"), "--judge", "sorry"],
+            ["inspect", str(bundle_dir)],
+            ["verify", str(bundle_dir), "--model", str(tiny_llama_dir)],
+            ["generate", "--model", str(tiny_llama_dir), "--bundle", str(bundle_dir), "--max-new-tokens", "4",
+             "Tell me about chess."],
+        ]
+        for command in commands:
+            result = runner.invoke(app, command, env=env)
+            assert result.exit_code == 0, (command[0], result.output)
+        report = json.loads((tmp_path / "report" / "report.json").read_text())
+        assert report["settings"]["judge"] == "sorry" and report["settings"]["gate"] == "sign@1"
+    finally:
+        monkeypatch.undo()
+        get_plugin_manager(reload=True)

@@ -7,8 +7,10 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import load_module
 
-from crvlm_sdk.policy import Policy, PolicyError, read_jsonl
+from crvlm_sdk.errors import PolicyError
+from crvlm_sdk.policy import Policy, read_jsonl
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "policies"
 
@@ -212,7 +214,7 @@ def test_answer_lists(tmp_path):
 
 def test_shape_policy_generator_reproduces_the_committed_files(tmp_path):
     """The committed image policies are what the generator writes (data the results rest on)."""
-    from crvlm_sdk.shape_policies import write_no_red, write_no_stars, write_shape_qa
+    from crvlm_sdk.demo.shape_policies import write_no_red, write_no_stars, write_shape_qa
 
     general = json.loads((EXAMPLES / "shape-qa" / "general_questions.json").read_text())
     write_shape_qa(tmp_path / "shape-qa", general["train"], general["test"])
@@ -226,7 +228,7 @@ def test_shape_policy_generator_reproduces_the_committed_files(tmp_path):
 
 
 def test_star_pictures_for_dev_sets_are_drawn_from_the_seed(tmp_path):
-    from crvlm_sdk.shape_policies import write_star_pictures
+    write_star_pictures = load_module(EXAMPLES / "star_pictures.py").write_star_pictures
 
     a = write_star_pictures(tmp_path / "a", 4, seed=3)
     b = write_star_pictures(tmp_path / "b", 4, seed=3)

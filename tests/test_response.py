@@ -8,9 +8,9 @@ import torch
 from conftest import make_bundle, steerer_for
 
 from crvlm_sdk import BundleError, CrvlmError
-from crvlm_sdk.bundle import ResponseSpec
-from crvlm_sdk.evaluate import without_gate
-from crvlm_sdk.response import ResponseShaper, RowPlan, end_of_sequence_id, sentence_end_ids
+from crvlm_sdk.bundle.manifest import ResponseSpec
+from crvlm_sdk.evaluation.evaluate import without_gate
+from crvlm_sdk.steering.response import ResponseShaper, RowPlan, end_of_sequence_id, sentence_end_ids
 
 QUESTIONS = [
     "What is the capital of France?",

@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from crvlm_sdk import shapes
+from crvlm_sdk.demo import shapes
 
 
 def test_same_seed_same_pictures_and_different_seed_different_pictures() -> None:

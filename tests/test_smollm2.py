@@ -56,9 +56,9 @@ def test_response_shaping_turns_steered_openings_into_clean_refusals(smollm2):
     """Issue 12's finding as a regression test: steering alone loops or drifts; the same
     steering with a forced opening and a one-sentence stop gives refusals a user can read."""
     from crvlm_plugins.judges import StrictJudge
-    from crvlm_sdk.build import build_bundle
-    from crvlm_sdk.demo import demo_policy
-    from crvlm_sdk.evaluate import without_gate
+    from crvlm_sdk.build.pipeline import build_bundle
+    from crvlm_sdk.demo.run import demo_policy
+    from crvlm_sdk.evaluation.evaluate import without_gate
     from crvlm_sdk.policy import Policy
 
     model, tokenizer, adapter = smollm2

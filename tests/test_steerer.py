@@ -7,9 +7,9 @@ import torch
 from conftest import make_bundle, steerer_for
 
 from crvlm_sdk import CrvlmError, Steerer
-from crvlm_sdk import hooks as hooks_module
-from crvlm_sdk.hooks import layer_hidden
-from crvlm_sdk.interfaces import PromptBatch
+from crvlm_sdk.activations import hooks as hooks_module
+from crvlm_sdk.activations.hooks import layer_hidden
+from crvlm_sdk.types import PromptBatch
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -328,7 +328,7 @@ def test_vectors_follow_layer_dtype(tiny_llama):
     model.to(torch.bfloat16)
     with steerer.apply():
         pass
-    item = steerer._loaded[0]
+    item = steerer._runtime.loaded[0]
     assert all(v.dtype == torch.bfloat16 for v in item.vectors.values())
     assert item.gate.gates[0].tensors()["weight"].dtype == torch.float32
     out = steerer.generate(QUESTIONS[:2], max_new_tokens=3)
@@ -341,3 +341,25 @@ def test_from_bundle_path_roundtrip(tiny_llama, tmp_path):
     steerer = Steerer.from_bundle(model, tmp_path / "b", processor)
     assert steerer.bundle_names == ["test"]
     assert steerer.generate("Hello", max_new_tokens=2)
+
+
+def test_alpha_scale_scales_steering_without_touching_the_manifest(tiny_llama):
+    model, _, adapter = tiny_llama
+    bundle = make_bundle(adapter, layers=(1, 2), gate_layer=0, alpha=3.0)
+    batch = _batch(adapter)
+    steerer = steerer_for(adapter, bundle)
+    with torch.no_grad():
+        with steerer.apply(alpha_scale=2.0):
+            scaled = model(**batch.inputs).logits
+        with steerer.apply(alpha_scale=0.0):
+            off = model(**batch.inputs).logits
+        plain = model(**batch.inputs).logits
+        with steerer_for(adapter, bundle.replaced(alpha=6.0)).apply():
+            doubled = model(**batch.inputs).logits
+    torch.testing.assert_close(scaled, doubled, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(off, plain)
+    assert bundle.manifest.alpha == 3.0
+    assert steerer.generate(QUESTIONS[:2], max_new_tokens=3, alpha_scale=2.0) == \
+        steerer_for(adapter, bundle.replaced(alpha=6.0)).generate(QUESTIONS[:2], max_new_tokens=3)
+    with pytest.raises(CrvlmError, match="alpha_scale must be a finite number >= 0"), steerer.apply(alpha_scale=-1):
+        pass

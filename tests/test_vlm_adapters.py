@@ -17,9 +17,9 @@ from crvlm_adapters.llava_onevision import LlavaOnevisionAdapter
 from crvlm_adapters.qwen2_5_vl import Qwen2_5_VLAdapter
 from crvlm_adapters.qwen2_vl import Qwen2VLAdapter
 from crvlm_sdk import AdapterError, Bundle, adapter_for, get_plugin_manager
-from crvlm_sdk.cli import app
-from crvlm_sdk.processors import image_only_processor_class, load_processor
-from crvlm_sdk.prompts import concat_padded
+from crvlm_sdk.adapters.batching import concat_padded
+from crvlm_sdk.cli.app import app
+from crvlm_sdk.models.processors import image_only_processor_class, load_processor
 from crvlm_sdk.testing import default_test_images
 
 runner = CliRunner()
@@ -241,7 +241,7 @@ def test_build_bundle_then_eval_through_cli_on_qwen2_vl(tiny_vlm_dirs, image_pol
 def test_build_with_images_feeds_the_aligner_rows_to_every_gate_layer(tiny_llava_dir, image_policy):
     """Vectors are extracted at the band only; the aligner's gate rows must still cover layers 1-3."""
     from crvlm_sdk import load_model
-    from crvlm_sdk.build import build_bundle
+    from crvlm_sdk.build.pipeline import build_bundle
 
     model, processor = load_model(tiny_llava_dir)
     bundle = build_bundle(model, processor, image_policy, progress=False, batch_size=4, locator="fixed",

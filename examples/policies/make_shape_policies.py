@@ -4,7 +4,7 @@
 
 ``shape-qa`` (the question decides), ``no-stars`` (the picture's shape decides) and ``no-red``
 (the picture's colour decides; written after the session-6 defaults were frozen); see
-:mod:`crvlm_sdk.shape_policies`. The general-knowledge questions that ``shape-qa`` asks over
+:mod:`crvlm_sdk.demo.shape_policies`. The general-knowledge questions that ``shape-qa`` asks over
 pictures are the text policies' questions (training files for training, test files for test)
 frozen in ``shape-qa/general_questions.json``: the text policies' data has changed since, and
 reading it live made the generator write different files. Fixed seeds: rerunning rewrites
@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from crvlm_sdk.shape_policies import write_no_red, write_no_stars, write_shape_qa
+from crvlm_sdk.demo.shape_policies import write_no_red, write_no_stars, write_shape_qa
 
 HERE = Path(__file__).resolve().parent
 GENERAL = HERE / "shape-qa" / "general_questions.json"

@@ -17,11 +17,12 @@ import argparse
 import tempfile
 import time
 
+from star_pictures import write_star_pictures
+
 from crvlm_sdk import Sample, Steerer, load_model
-from crvlm_sdk.bundle import Bundle
-from crvlm_sdk.evaluate import System, run_systems
-from crvlm_sdk.plugins import get_plugin_manager
-from crvlm_sdk.shape_policies import write_star_pictures
+from crvlm_sdk.bundle.artifact import Bundle
+from crvlm_sdk.evaluation.evaluate import System, run_systems
+from crvlm_sdk.plugins.manager import get_plugin_manager
 
 
 def main() -> None:
@@ -36,18 +37,17 @@ def main() -> None:
     args = parser.parse_args()
     model, processor = load_model(args.model)
     bundle = Bundle.load(args.bundle)
-    built_alpha, built_strength = bundle.manifest.alpha, bundle.manifest.extraction["strength"]
+    built_strength = bundle.manifest.extraction["strength"]
     judge = get_plugin_manager().get("judge", args.judge)()
     with tempfile.TemporaryDirectory() as tmp:
         samples = [Sample(r["question"], r["image"]) for r in write_star_pictures(tmp, args.n, seed=args.seed)]
         for item in args.grid:
             strength, steps = float(item.split(":")[0]), int(item.split(":")[1])
-            bundle.manifest.alpha = built_alpha * strength / built_strength
-            bundle.manifest.decode_steps = None if steps < 0 else steps
-            steerer = Steerer.from_bundle(model, bundle, processor)
+            variant = bundle.replaced(decode_steps=None if steps < 0 else steps)
+            steerer = Steerer.from_bundle(model, variant, processor)
             started = time.monotonic()
-            answers = run_systems(steerer, samples, [System("bundle", bundle.name)],
-                                  max_new_tokens=args.max_new_tokens)["bundle"]
+            answers = run_systems(steerer, samples, [System("bundle", bundle.name)], max_new_tokens=args.max_new_tokens,
+                                  alpha_scale=strength / built_strength)["bundle"]
             refused = judge.judge(answers.texts, ended=answers.ended)
             print(f"strength {strength:.2f}, steps {steps}: refused {sum(refused)}/{len(refused)} "
                   f"({sum(refused) / len(refused):.3f}) in {time.monotonic() - started:.0f}s", flush=True)

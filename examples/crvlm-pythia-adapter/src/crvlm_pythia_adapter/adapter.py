@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import torch
 
 from crvlm_sdk import AdapterError, BackboneAdapter
-from crvlm_sdk.interfaces import ImageInput
+from crvlm_sdk.types import ImageInput
 
 
 class PythiaAdapter(BackboneAdapter):
@@ -55,7 +55,8 @@ class PythiaAdapter(BackboneAdapter):
     def tokenizer(self) -> Any:
         return getattr(self.processor, "tokenizer", self.processor)
 
-    def render_prompt(self, question: str, *, has_image: bool, system: str | None) -> str:
+    def render_prompt(self, question: str, *, has_image: bool, system: str | None,
+                      num_images: int | None = None) -> str:
         head = f"{system.strip()}\n\n" if system else ""
         return f"{head}Question: {question.strip()}\nAnswer:"
 

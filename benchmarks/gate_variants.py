@@ -1,0 +1,113 @@
+"""How other ways of fitting the probe gate would do on the text policies (a lead, not a default).
+
+Run:  python benchmarks/gate_variants.py [--policies cooking,travel,programming,gardening,personal-finance]
+
+The build's gate (``build.gate.fit_gate``) fits an L2-regularised logistic probe per layer on
+the training split, calibrates each to 2% over-refusal on the validation split, and reads every
+layer tied best on validation (log-odds averaged). On a policy written after that default was
+frozen (``personal-finance``) it flagged 1 in 10 in-scope test questions although validation
+separated perfectly. This script fits variants on the same cached activations and prints, per
+policy, what validation shows (what a build could choose by) and what the test split gets:
+
+- ``build``: the build's rule (checked against ``fit_gate``'s own layers);
+- ``l2=0.1`` / ``l2=1``: stronger regularisation, same layer rule;
+- ``all-layers``: every candidate layer averaged, no choice on validation;
+- ``target=1%``: calibrated to 1% over-refusal instead of 2%.
+
+Only the gate runs (no generation). Test figures are reported for study; a default chosen from
+them would be tuned on test, so any change must be confirmed on a policy written afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from crvlm_sdk import get_plugin_manager, load_model
+from crvlm_sdk.activations.capture import capture
+from crvlm_sdk.build.gate import fit_gate, gate_layers
+from crvlm_sdk.build.options import BuildOptions
+from crvlm_sdk.plugins.adapters import adapter_for
+from crvlm_sdk.policy import Policy
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = {"build": (1e-2, 0.02, "tied"), "l2=0.1": (1e-1, 0.02, "tied"), "l2=1": (1.0, 0.02, "tied"),
+            "all-layers": (1e-2, 0.02, "all"), "target=1%": (1e-2, 0.01, "tied")}
+
+
+def rates(log_odds: torch.Tensor, in_scope: torch.Tensor) -> tuple[float, float]:
+    """(out-of-scope caught, in-scope flagged) at p > 0.5."""
+    above = log_odds > 0
+    return float(above[~in_scope].float().mean()), float(above[in_scope].float().mean())
+
+
+def study(policy_path: Path, adapter: Any) -> dict[str, Any]:
+    pol = Policy.load(policy_path)
+    data = pol.load_data()
+    opts = BuildOptions()
+    layers = gate_layers(adapter.num_layers, opts)
+    common = {"keep": True, "progress": False, "batch_size": opts.batch_size}
+    train = capture(adapter, data.train_in + data.train_out, layers, **common)
+    val = capture(adapter, data.val_in + data.val_out, layers, **common)
+    test = capture(adapter, data.test, layers, **common)
+    n_in, v_in = len(data.train_in), len(data.val_in)
+    val_scope = torch.tensor([True] * v_in + [False] * len(data.val_out))
+    test_scope = torch.tensor([bool(s.meta["in_scope"]) for s in data.test])
+    probe = get_plugin_manager().get("gate", "probe")
+    out: dict[str, Any] = {"policy": pol.name, "n_test_in": int(test_scope.sum()),
+                           "n_test_out": int((~test_scope).sum())}
+    fitted: dict[tuple[float, float], dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+    for name, (l2, target, rule) in VARIANTS.items():
+        per_layer = fitted.setdefault((l2, target), {})
+        for layer in layers:
+            if layer in per_layer:
+                continue
+            rows = train.rows(layer)
+            gate = probe.untrained(adapter.hidden_size)
+            torch.manual_seed(0)
+            gate.fit(rows[:n_in], rows[n_in:], l2=l2)
+            gate.calibrate(val.rows(layer)[:v_in], target_over_refusal=target)
+            per_layer[layer] = (gate.log_odds(val.rows(layer)), gate.log_odds(test.rows(layer)))
+        margin = {layer: (lambda c, f: c - f)(*rates(per_layer[layer][0], val_scope)) for layer in layers}
+        kept = layers if rule == "all" else [layer for layer in layers if margin[layer] > max(margin.values()) - 1e-9]
+        val_lo = torch.stack([per_layer[layer][0] for layer in kept]).mean(0)
+        test_lo = torch.stack([per_layer[layer][1] for layer in kept]).mean(0)
+        out[name] = {"layers": kept, "val": rates(val_lo, val_scope), "test": rates(test_lo, test_scope),
+                     "flagged_in_scope": [s.question for s, lo, i in zip(data.test, test_lo.tolist(),
+                                                                         test_scope.tolist(), strict=True)
+                                          if i and lo > 0]}
+    expected = fit_gate(adapter, data, opts, plugins=get_plugin_manager(), progress=False).gate.layers
+    if out["build"]["layers"] != expected:
+        raise SystemExit(f"{pol.name}: this script's build rule kept {out['build']['layers']}, fit_gate {expected}")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--policies", default="cooking,travel,programming,gardening,personal-finance")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gate_variants.json")
+    args = parser.parse_args()
+    model, tokenizer = load_model("smollm2")
+    adapter = adapter_for(model, tokenizer)
+    results, lines = [], ["| policy | variant | layers | val caught | val flagged | test caught | test flagged |",
+                          "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name in args.policies.split(","):
+        r = study(ROOT / "examples" / "policies" / name / "policy.yaml", adapter)
+        results.append(r)
+        for variant in VARIANTS:
+            v = r[variant]
+            shown = v["layers"] if len(v["layers"]) < 8 else f"{len(v['layers'])} layers"
+            lines.append(f"| {name} | {variant} | {shown} | {v['val'][0]:.3f} | {v['val'][1]:.3f} | "
+                         f"{v['test'][0]:.3f} | {v['test'][1]:.3f} |")
+        print("\n".join(lines[-len(VARIANTS):]), flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)  # after each policy: a long run keeps what it has
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
+        args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+"""Reading and writing a model's residual stream: forward-hook plumbing and batched activation
+capture at chosen layers and token positions.
+"""

@@ -1,0 +1,71 @@
+"""A bundle's gate: one gate plugin per layer it reads, combined by averaging log-odds.
+
+On a few dozen validation questions several gate layers often separate in-scope from
+out-of-scope equally well, and which in-scope question then crosses the threshold at test
+time depends on the layer picked among equals. Averaging the calibrated log-odds of the
+tied layers cancels much of that layer-to-layer noise without re-fitting anything; a gate
+read at one layer is the special case that behaves exactly as that layer's gate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from crvlm_sdk.components import Gate
+from crvlm_sdk.errors import CrvlmError
+
+
+@dataclass
+class LayerGates:
+    """Gates keyed by the decoder layer whose last-prompt-token activation each one reads."""
+
+    gates: dict[int, Gate]
+
+    def __post_init__(self) -> None:
+        if not self.gates:
+            raise CrvlmError("a gate needs at least one layer")
+        names = {gate.name for gate in self.gates.values()}
+        if len(names) > 1:
+            raise CrvlmError(f"the gates of one bundle must be of one type, got {sorted(names)}")
+        self.gates = dict(sorted(self.gates.items()))
+
+    @property
+    def name(self) -> str:
+        return next(iter(self.gates.values())).name
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.gates)
+
+    @property
+    def last_layer(self) -> int:
+        return self.layers[-1]
+
+    def to(self, device: torch.device | str) -> LayerGates:
+        return LayerGates({layer: gate.to(device) for layer, gate in self.gates.items()})
+
+    def log_odds(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """The log-odds of the gate at ``layer`` on ``(B, H)`` activations read there."""
+        return self.gates[layer].log_odds(h)
+
+    def combine(self, total_log_odds: torch.Tensor) -> torch.Tensor:
+        """``p`` from the sum of every layer's log-odds (their mean, through a sigmoid)."""
+        return torch.sigmoid(total_log_odds / len(self.gates))
+
+    def score(self, rows: Mapping[int, torch.Tensor]) -> torch.Tensor:
+        """``(B,)`` float32 ``p`` from activations at each gate layer (``{layer: (B, H)}``)."""
+        missing = sorted(set(self.gates) - set(rows))
+        if missing:
+            raise CrvlmError(f"the gate reads layers {self.layers}; activations for {missing} are missing")
+        if len(self.gates) == 1:
+            layer, gate = next(iter(self.gates.items()))
+            return gate.score(rows[layer])
+        return self.combine(sum(gate.log_odds(rows[layer]) for layer, gate in self.gates.items()))
+
+
+def describe_layers(layers: Sequence[int]) -> str:
+    """``layer 21`` or ``layers 21, 28`` (for logs and reports)."""
+    return f"layer {layers[0]}" if len(layers) == 1 else "layers " + ", ".join(str(layer) for layer in layers)

@@ -1,0 +1,2 @@
+"""Evaluation: systems compared on a policy's test split, metrics with intervals, reports.
+"""

@@ -1,0 +1,3 @@
+"""Runtime: the Steerer that applies bundles to a frozen model, and the response shaping of
+refused rows inside ``generate``.
+"""
