@@ -47,24 +47,31 @@ class LayerGates:
     def to(self, device: torch.device | str) -> LayerGates:
         return LayerGates({layer: gate.to(device) for layer, gate in self.gates.items()})
 
-    def log_odds(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        """The log-odds of the gate at ``layer`` on ``(B, H)`` activations read there."""
-        return self.gates[layer].log_odds(h)
+    def read(self, layer: int, h: torch.Tensor, total: torch.Tensor) -> torch.Tensor | None:
+        """Read the gate at ``layer`` on ``(B, H)`` activations taken there, in layer order.
 
-    def combine(self, total_log_odds: torch.Tensor) -> torch.Tensor:
-        """``p`` from the sum of every layer's log-odds (their mean, through a sigmoid)."""
-        return torch.sigmoid(total_log_odds / len(self.gates))
+        ``total`` (``(B,)`` float32, updated in place) carries the log-odds summed over the
+        layers read so far; at the last layer the result is ``p``, before it None. A gate
+        read at one layer returns its own ``score`` exactly.
+        """
+        gate = self.gates[layer]
+        if len(self.gates) == 1:
+            return gate.score(h)
+        if layer == self.layers[0]:
+            total.copy_(gate.log_odds(h))
+        else:
+            total.add_(gate.log_odds(h))
+        return torch.sigmoid(total / len(self.gates)) if layer == self.last_layer else None
 
     def score(self, rows: Mapping[int, torch.Tensor]) -> torch.Tensor:
         """``(B,)`` float32 ``p`` from activations at each gate layer (``{layer: (B, H)}``)."""
         missing = sorted(set(self.gates) - set(rows))
         if missing:
             raise CrvlmError(f"the gate reads layers {self.layers}; activations for {missing} are missing")
-        if len(self.gates) == 1:
-            layer, gate = next(iter(self.gates.items()))
-            return gate.score(rows[layer])
-        return self.combine(sum(gate.log_odds(rows[layer]) for layer, gate in self.gates.items()))
-
+        total = torch.zeros(rows[self.layers[0]].shape[0], dtype=torch.float32, device=rows[self.layers[0]].device)
+        for layer in self.layers:
+            p = self.read(layer, rows[layer], total)
+        return p
 
 def describe_layers(layers: Sequence[int]) -> str:
     """``layer 21`` or ``layers 21, 28`` (for logs and reports)."""

@@ -182,18 +182,9 @@ class SteeringRuntime:
         last = self.state.last_index.to(h.device)
         rows = h[torch.arange(h.shape[0], device=h.device), last]
         for item in items:
-            gate, here = item.gate, rows.to(item.gate_device)
-            if len(gate.layers) == 1:
-                p = gate.gates[layer].score(here)
-            else:
-                log_odds = gate.log_odds(layer, here)
-                if layer == gate.layers[0]:
-                    item.log_odds.copy_(log_odds)
-                else:
-                    item.log_odds.add_(log_odds)
-                if layer != gate.last_layer:
-                    continue
-                p = gate.combine(item.log_odds)
+            p = item.gate.read(layer, rows.to(item.gate_device), item.log_odds)
+            if p is None:
+                continue  # more gate layers to come
             item.p.copy_(p)
             item.scale.copy_(p * item.row_mask * self.state.alpha_scale)
 
