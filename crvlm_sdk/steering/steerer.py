@@ -56,7 +56,6 @@ class Steerer:
             bundle.check_model(adapter, where=f"bundle {bundle.name!r}", check_fingerprint=check_fingerprint)
         loaded = [LoadedBundle(b, b.gate(plugins), torch.device("cpu")) for b in bundles]
         self._runtime = SteeringRuntime(self.model, adapter.decoder_layers(), loaded)
-        self._loaded = loaded
         self._sentence_ends: torch.Tensor | None = None
 
     @classmethod
@@ -103,6 +102,10 @@ class Steerer:
     @property
     def _state(self) -> PassState:
         return self._runtime.state
+
+    @property
+    def _loaded(self) -> list[LoadedBundle]:
+        return self._runtime.loaded
 
     # -- public API -----------------------------------------------------------------------
     @contextmanager
