@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from gate_study import rates  # benchmarks/ is the script's directory, so on sys.path
 
 from crvlm_sdk import get_plugin_manager, load_model
 from crvlm_sdk.activations.capture import capture
@@ -37,12 +38,6 @@ from crvlm_sdk.policy import Policy
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {"build": (1e-2, 0.02, "tied"), "l2=0.1": (1e-1, 0.02, "tied"), "l2=1": (1.0, 0.02, "tied"),
             "all-layers": (1e-2, 0.02, "all"), "target=1%": (1e-2, 0.01, "tied")}
-
-
-def rates(log_odds: torch.Tensor, in_scope: torch.Tensor) -> tuple[float, float]:
-    """(out-of-scope caught, in-scope flagged) at p > 0.5."""
-    above = log_odds > 0
-    return float(above[~in_scope].float().mean()), float(above[in_scope].float().mean())
 
 
 def study(policy_path: Path, adapter: Any) -> dict[str, Any]:
