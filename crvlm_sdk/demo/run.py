@@ -72,9 +72,7 @@ def run_demo(out: Path, *, max_new_tokens: int = 40, console: Console | None = N
     path = bundle.save(out / "bundle", overwrite=True)
     v = bundle.manifest.validation
     console.print(
-        f"bundle saved to [cyan]{path}[/]: steer layers {bundle.manifest.layers}, α={bundle.manifest.alpha:.3g}, "
-        f"gate at {describe_layers(bundle.manifest.gate.layers)}; "
-        f"validation: {v['gate_caught']:.0%} of out-of-scope caught, "
+        f"{_saved(bundle, path)}; validation: {v['gate_caught']:.0%} of out-of-scope caught, "
         f"{v['gate_flagged']:.0%} of in-scope flagged, clean refusals {v['srs']:.0%}"
     )
 
@@ -125,9 +123,7 @@ def run_vlm_demo(out: Path, *, max_new_tokens: int = 30, console: Console | None
     path = bundle.save(out / "bundle", overwrite=True)
     v = bundle.manifest.validation
     console.print(
-        f"bundle saved to [cyan]{path}[/]: steer layers {bundle.manifest.layers}, α={bundle.manifest.alpha:.3g}, "
-        f"gate at {describe_layers(bundle.manifest.gate.layers)}, "
-        f"image weight {bundle.manifest.extraction['image_weight']}; "
+        f"{_saved(bundle, path)}, image weight {bundle.manifest.extraction['image_weight']}; "
         f"validation: clean refusals {v['srs']:.0%} of star pictures, {v['brs']:.0%} of the others refused"
     )
     policy = Policy.load(policy_path)
@@ -148,3 +144,10 @@ def run_vlm_demo(out: Path, *, max_new_tokens: int = 30, console: Console | None
     _explain(console, bundle)
     console.print(f"done in {time.perf_counter() - start:.0f}s")
     return path
+
+
+def _saved(bundle: Bundle, path: Path) -> str:
+    """The line both demos print once the bundle is on disk (where, how it steers, its gate)."""
+    m = bundle.manifest
+    return (f"bundle saved to [cyan]{path}[/]: steer layers {m.layers}, α={m.alpha:.3g}, "
+            f"gate at {describe_layers(m.gate.layers)}")
