@@ -19,12 +19,21 @@ if TYPE_CHECKING:
 ImageInput = Union[str, Path, "Image.Image"]
 
 
+#: relative distance between weight sketches below which two models count as the same weights;
+#: bfloat16 rounding moves a sketch by 0.1–0.2%, so 1% leaves a fivefold margin
+SKETCH_TOLERANCE = 0.01
+
+
 class Fingerprint(BaseModel):
     """What identifies a backbone well enough to refuse a bundle built for another model.
 
-    ``first_layer_sha256`` hashes the first decoder layer's weights rounded to bfloat16, so the
-    same checkpoint loaded in float32, bfloat16 or float16 keeps one fingerprint while a
-    fine-tune or a different checkpoint of the same architecture does not.
+    The first decoder layer's weights are identified twice. ``first_layer_sha256`` hashes them
+    rounded to bfloat16: equal hashes are the same weights. Rounding is not enough across dtypes
+    (float32 → float16 → bfloat16 rounds some weights differently from float32 → bfloat16), so
+    ``first_layer_sketch`` also keeps a few fixed random projections of sampled weights; when
+    the hashes differ, sketches within ``SKETCH_TOLERANCE`` (relative) are the same weights in
+    another precision. A fine-tune that moves the first layer by more than about 1% is told
+    apart; bundles written before sketches existed are compared by hash alone.
     """
 
     model_config = ConfigDict(extra="allow")
@@ -35,14 +44,38 @@ class Fingerprint(BaseModel):
     num_layers: int
     vocab_size: int
     first_layer_sha256: str
+    first_layer_sketch: dict[str, list[float]] | None = None
 
     def differences(self, other: Fingerprint) -> list[str]:
         """Field-by-field mismatches as ``field: expected X, found Y`` lines."""
         out = []
         for name in type(self).model_fields:
+            if name in ("first_layer_sha256", "first_layer_sketch"):
+                continue
             mine, theirs = getattr(self, name), getattr(other, name)
             if mine != theirs:
                 out.append(f"{name}: bundle has {mine!r}, model has {theirs!r}")
+        if self.first_layer_sha256 == other.first_layer_sha256:
+            return out
+        mine_sketch, their_sketch = self.first_layer_sketch, other.first_layer_sketch
+        if not mine_sketch or not their_sketch or mine_sketch.keys() != their_sketch.keys():
+            out.append(f"first_layer_sha256: bundle has {self.first_layer_sha256!r}, "
+                       f"model has {other.first_layer_sha256!r}")
+            return out
+        gaps = {}
+        for name, mine in mine_sketch.items():
+            a, b = torch.tensor(mine, dtype=torch.float64), torch.tensor(their_sketch[name], dtype=torch.float64)
+            gaps[name] = float((a - b).norm() / a.norm().clamp_min(1e-12)) if a.shape == b.shape else float("inf")
+        name, gap = max(gaps.items(), key=lambda kv: kv[1] if kv[1] == kv[1] else float("inf"))
+        if not gap <= SKETCH_TOLERANCE:  # NaN in a sketch counts as a difference
+            out.append(f"first-layer weights: the model's {name} differs from the bundle's by {gap:.1%} "
+                       f"(more than {SKETCH_TOLERANCE:.0%}; a change of precision moves it by about 0.2%)")
+        return out
+        a, b = torch.tensor(mine_sketch, dtype=torch.float64), torch.tensor(their_sketch, dtype=torch.float64)
+        gap = float((a - b).norm() / a.norm().clamp_min(1e-12))
+        if not gap <= SKETCH_TOLERANCE:  # NaN in a sketch counts as a difference
+            out.append(f"first-layer weights: the model's differ from the bundle's by {gap:.1%} "
+                       f"(more than {SKETCH_TOLERANCE:.0%}; a precision change moves them by ~0.1%)")
         return out
 
 

@@ -139,9 +139,15 @@ class ProbeGate(Gate):
         is just the single largest logit, which one odd question would decide. The threshold
         never goes below 0 (the probe's own decision boundary).
         """
-        logits = self.logits(h_in_val.float()).double()
-        if len(logits) < 2:
-            raise CrvlmError("gate calibration needs at least 2 in-scope validation rows")
-        z = float(torch.special.ndtri(torch.tensor(1.0 - target_over_refusal, dtype=torch.float64)))
-        self.threshold = max(0.0, float(logits.mean() + z * logits.std()))
+        self.threshold = normal_threshold(self.logits(h_in_val.float()), target_over_refusal)
         return self.threshold
+
+
+def normal_threshold(in_scope_logits: torch.Tensor, target_over_refusal: float) -> float:
+    """The ``1 − target`` quantile of a normal fitted to in-scope logits, never below 0 (see
+    :meth:`ProbeGate.calibrate`); studies apply it to out-of-fold logits as well."""
+    logits = in_scope_logits.double()
+    if len(logits) < 2:
+        raise CrvlmError("gate calibration needs at least 2 in-scope validation rows")
+    z = float(torch.special.ndtri(torch.tensor(1.0 - target_over_refusal, dtype=torch.float64)))
+    return max(0.0, float(logits.mean() + z * logits.std()))

@@ -206,7 +206,7 @@ def test_bundle_for_another_model_is_refused(saved, tiny_llama_other_dir):
     _, path, _ = saved
     model, processor = load_model(tiny_llama_other_dir)
     other = adapter_for(model, processor)
-    with pytest.raises(BundleError, match="was built for another model: first_layer_sha256"):
+    with pytest.raises(BundleError, match="was built for another model: first-layer weights: the model"):
         Bundle.load(path, adapter=other)
 
 
@@ -217,11 +217,51 @@ def test_bundle_for_another_architecture_is_refused(saved, tiny_llava_dir):
         Bundle.load(path, adapter=adapter_for(model, processor))
 
 
-def test_fingerprint_is_dtype_independent(tiny_llama):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fingerprint_is_dtype_independent(tiny_llama, dtype):
+    """fp32 -> fp16 -> bf16 rounds 545 of the tiny Llama's first-layer weights differently from
+    fp32 -> bf16, so an exact hash of rounded weights refused fp16 copies of the same model."""
     model, _, adapter = tiny_llama
     before = adapter.fingerprint()
-    model.to(torch.bfloat16)
-    assert adapter.fingerprint() == before
+    model.to(dtype)
+    try:
+        assert before.differences(adapter.fingerprint()) == []
+        assert adapter.fingerprint().differences(before) == []
+    finally:
+        model.to(torch.float32)
+
+
+def test_a_float32_bundle_loads_on_a_float16_model(saved):
+    _, path, adapter = saved
+    adapter.model.to(torch.float16)
+    try:
+        assert Bundle.load(path, adapter=adapter).manifest.backbone.first_layer_sketch
+    finally:
+        adapter.model.to(torch.float32)
+
+
+def test_fingerprint_tells_changed_weights_apart(tiny_llama):
+    _, _, adapter = tiny_llama
+    before = adapter.fingerprint()
+    weight = adapter.decoder_layers()[0].mlp.up_proj.weight
+    saved = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight.mul_(1.05)  # a fine-tune that moved one matrix by 5%
+        diffs = before.differences(adapter.fingerprint())
+        assert len(diffs) == 1 and diffs[0].startswith("first-layer weights:"), diffs
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+
+
+def test_fingerprint_of_an_older_bundle_is_compared_by_hash(tiny_llama):
+    _, _, adapter = tiny_llama
+    found = adapter.fingerprint()
+    old = found.model_copy(update={"first_layer_sketch": None})
+    assert old.differences(found) == []
+    changed = old.model_copy(update={"first_layer_sha256": "0" * 64})
+    assert [d.split(":")[0] for d in changed.differences(found)] == ["first_layer_sha256"]
 
 
 def test_nan_vector_is_refused(tiny_llama):
