@@ -73,6 +73,17 @@ def test_build_then_eval_through_cli(tiny_llama_dir, small_policy, tmp_path):
     assert report["bundle"]["n_answers"] == 1
     for name in ("report.md", "gate_scores.png", "rates.png"):
         assert (report_dir / name).stat().st_size > 0
+    assert json.loads((report_dir / "bundle-manifest.json").read_text())["policy"]["name"] == "mini"
+
+    # an existing report is replaced only with --overwrite, and refused before anything runs
+    again = ["eval", "--model", str(tiny_llama_dir), "--bundle", str(out), "--policy", str(small_policy),
+             "--max-new-tokens", "8"]
+    result = runner.invoke(app, [*again, "--out", str(report_dir)])
+    assert result.exit_code == 1 and "already exists" in result.output and "--overwrite" in result.output
+    (tmp_path / "a-file").write_text("keep")
+    result = runner.invoke(app, [*again, "--out", str(tmp_path / "a-file"), "--overwrite"])
+    assert result.exit_code == 1 and "is not a report directory" in result.output
+    assert (tmp_path / "a-file").read_text() == "keep"
 
 
 def test_eval_needs_exactly_one_data_source(tiny_llama_dir, tmp_path):
@@ -86,6 +97,16 @@ def test_build_refuses_existing_out(tiny_llama_dir, small_policy, tmp_path):
     result = runner.invoke(app, ["build-bundle", "--model", str(tiny_llama_dir), "--policy", str(small_policy),
                                  "--out", str(tmp_path / "exists")])
     assert result.exit_code == 1 and "already exists" in result.output
+
+
+def test_build_overwrite_never_deletes_a_folder_that_is_not_a_bundle(tiny_llama_dir, small_policy, tmp_path):
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "app.py").write_text("precious = True\n")
+    result = runner.invoke(app, ["build-bundle", "--model", str(tiny_llama_dir), "--policy", str(small_policy),
+                                 "--out", str(source), "--overwrite"])
+    assert result.exit_code == 1 and "is not a bundle" in result.output and "Traceback" not in result.output
+    assert (source / "app.py").read_text() == "precious = True\n"
 
 
 def test_build_with_rotation_and_decode_steps_through_cli(tiny_llama_dir, small_policy, tmp_path):
@@ -217,6 +238,7 @@ def test_rejudge_rescores_stored_answers(tiny_llama_dir, small_policy, tmp_path)
     result = runner.invoke(app, ["rejudge", str(report_dir)], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert json.loads((report_dir / "report.json").read_text()) == first, "judging again changes nothing"
+    assert (report_dir / "bundle-manifest.json").is_file(), "the evaluated bundle's manifest is kept"
 
     out_row = next(i for i, s in enumerate(first["samples"]) if not s["in_scope"])
     first["samples"][out_row]["answers"]["bundle"] = "I'm sorry, but I can't help with that."

@@ -34,7 +34,7 @@ from crvlm_sdk.bundle.manifest import (
 )
 from crvlm_sdk.components import Gate
 from crvlm_sdk.errors import BundleError
-from crvlm_sdk.files import atomic_directory
+from crvlm_sdk.files import BUNDLE, atomic_directory
 from crvlm_sdk.plugins.manager import PluginManager, get_plugin_manager
 
 
@@ -185,14 +185,13 @@ class Bundle:
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write atomically to ``path`` (a directory): manifest, tensors and a ``README.md`` model
-        card; refuses to replace a directory unless asked."""
+        card. An existing directory is replaced only with ``overwrite`` and only if it is a bundle."""
         self.check("<bundle being saved>")
         target = Path(path)
-        if target.exists() and not overwrite:
-            raise BundleError(f"{target} already exists", hint="pass overwrite=True (--overwrite) to replace it")
+        BUNDLE.check_replaceable(target, overwrite=overwrite)
         blob = save_safetensors(self._tensor_dict(), metadata={"format": "crvlm-bundle"})
         self.manifest.tensors_sha256 = hashlib.sha256(blob).hexdigest()
-        with atomic_directory(target) as tmp:
+        with atomic_directory(target, BUNDLE, overwrite=overwrite) as tmp:
             (tmp / TENSORS).write_bytes(blob)
             (tmp / MANIFEST).write_text(self.manifest.model_dump_json(indent=2) + "\n")
             (tmp / MODEL_CARD).write_text(model_card(self.manifest, target.name))

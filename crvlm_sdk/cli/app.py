@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from crvlm_sdk.errors import CrvlmError
+from crvlm_sdk.files import BUNDLE, REPORT
 
 app = typer.Typer(
     name="crvlm",
@@ -269,8 +270,7 @@ def build_bundle_cmd(
     from crvlm_sdk.build.options import BuildOptions
     from crvlm_sdk.build.pipeline import build_bundle
 
-    if out.exists() and not overwrite:
-        raise CrvlmError(f"{out} already exists", hint="pass --overwrite to replace it")
+    BUNDLE.check_replaceable(out, overwrite=overwrite)  # before the build, not after it
     extractor_options = {k: v for k, v in {"contrast": contrast, "read": read}.items() if v is not None}
     locator_options: dict[str, Any] = {}
     if locator == "fixed":
@@ -352,8 +352,9 @@ def eval_cmd(
                                                         "run together)")] = 32,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 48,
     as_json: JsonOpt = False,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing report at --out")] = False,
 ) -> None:
-    """Evaluate a bundle against baselines; writes report.json, report.md and plots."""
+    """Evaluate a bundle against baselines; writes report.json, report.md, plots and the bundle's manifest."""
     from crvlm_sdk.bundle.artifact import Bundle
     from crvlm_sdk.evaluation.evaluate import SYSTEMS, evaluate
     from crvlm_sdk.policy import Policy, read_jsonl
@@ -361,6 +362,7 @@ def eval_cmd(
 
     if (data is None) == (policy is None):
         raise CrvlmError("give exactly one of --data and --policy")
+    REPORT.check_replaceable(out, overwrite=overwrite)  # before the evaluation, not after it
     instruction = opening = message = None
     if policy is not None:
         pol = Policy.load(policy)
@@ -376,15 +378,18 @@ def eval_cmd(
     steerer = Steerer(backbone, [loaded])
     report = evaluate(steerer, rows, baselines=baselines, system_prompt=instruction, opening=opening,
                       message=message, judge=judge, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    manifest = loaded.manifest.model_dump_json(indent=2) + "\n"
     _save_and_show_report(report, out, f"{loaded.name}: {report['bundle']['n_out']} out-of-scope / "
-                               f"{report['bundle']['n_in']} in-scope questions (95% intervals)", as_json)
+                               f"{report['bundle']['n_in']} in-scope questions (95% intervals)", as_json,
+                          overwrite=overwrite, bundle_manifest=manifest)
 
 
-def _save_and_show_report(report: dict[str, Any], out: Path, title: str, as_json: bool = False) -> None:
+def _save_and_show_report(report: dict[str, Any], out: Path, title: str, as_json: bool = False, *,
+                          overwrite: bool, bundle_manifest: str | None) -> None:
     """Write an evaluation report to ``out`` and print its table of systems (or the metrics as JSON)."""
     from crvlm_sdk.evaluation.report import TABLE_COLUMNS, systems_table, write_report
 
-    written = write_report(report, out)
+    written = write_report(report, out, overwrite=overwrite, bundle_manifest=bundle_manifest)
     if as_json:
         _print_json({"systems": {"bundle": report["bundle"], **report["baselines"]},
                      "written": [str(p) for p in written]})
@@ -414,7 +419,9 @@ def rejudge(
         judge_report(data, judge=judge)
     except (json.JSONDecodeError, KeyError, TypeError, IndexError) as exc:
         raise CrvlmError(f"{path}: not a crvlm evaluation report ({type(exc).__name__}: {exc})") from None
-    _save_and_show_report(data, report, f"{data['settings']['policy']}, judged again ({judge})", as_json)
+    kept = report / "bundle-manifest.json"
+    _save_and_show_report(data, report, f"{data['settings']['policy']}, judged again ({judge})", as_json,
+                          overwrite=True, bundle_manifest=kept.read_text() if kept.is_file() else None)
 
 
 @app.command()

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 
 from crvlm_sdk.adapters.templates import CHATML_VLM
-from crvlm_sdk.errors import CrvlmError, ModelLoadError
-from crvlm_sdk.files import atomic_directory
+from crvlm_sdk.errors import ModelLoadError
+from crvlm_sdk.files import DEMO_MODEL, atomic_directory
 from crvlm_sdk.models.loading import load_model, quiet_transformers
 
 IMAGE_TOKEN = "<image>"
@@ -110,8 +110,7 @@ def build_demo_model(out: str | Path, *, weights: str | Path | None = None, over
     from transformers import LlavaForConditionalGeneration
 
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise CrvlmError(f"{out} already exists", hint="choose another --out or pass --overwrite")
+    DEMO_MODEL.check_replaceable(out, overwrite=overwrite)
     weights = Path(weights) if weights is not None else weights_path()
     if not weights.is_file():
         raise ModelLoadError(f"demo VLM weights not found: {weights}", hint="reinstall crvlm, or pass --weights")
@@ -134,7 +133,7 @@ def build_demo_model(out: str | Path, *, weights: str | Path | None = None, over
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.suppress_tokens = [image_token_id]
     model.generation_config.do_sample = False
-    with atomic_directory(out) as tmp, quiet_transformers():
+    with atomic_directory(out, DEMO_MODEL, overwrite=overwrite) as tmp, quiet_transformers():
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         (tmp / "crvlm_demo_vlm.json").write_text(json.dumps({

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from crvlm_sdk.bundle.manifest import ResponseSpec
+from crvlm_sdk.files import REPORT, atomic_directory
 
 
 def _fmt(value: float | None, ci: Sequence[float] | None) -> str:
@@ -32,11 +33,23 @@ def systems_table(report: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-def write_report(report: dict[str, Any], out: Path) -> list[Path]:
-    """``report.json``, ``report.md`` and PNG plots into ``out`` (created if needed)."""
-    out.mkdir(parents=True, exist_ok=True)
+def write_report(report: dict[str, Any], out: Path, *, overwrite: bool = False,
+                 bundle_manifest: str | None = None) -> list[Path]:
+    """``report.json``, ``report.md``, PNG plots and (given) the evaluated bundle's
+    ``bundle-manifest.json``, written together: an existing report at ``out`` is replaced only
+    with ``overwrite``, and an interrupted write leaves it as it was."""
+    target = Path(out)
+    with atomic_directory(target, REPORT, overwrite=overwrite) as tmp:
+        names = _write_files(report, tmp, bundle_manifest)
+    return [target / name for name in names]
+
+
+def _write_files(report: dict[str, Any], out: Path, bundle_manifest: str | None) -> list[str]:
     written = [out / "report.json", out / "report.md"]
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    if bundle_manifest is not None:
+        (out / "bundle-manifest.json").write_text(bundle_manifest)
+        written.append(out / "bundle-manifest.json")
     m = report["bundle"]
     settings = report["settings"]
     response = ResponseSpec.model_validate(settings["response"])
@@ -78,7 +91,7 @@ def write_report(report: dict[str, Any], out: Path) -> list[Path]:
         lines.append(f"- **{label}** (gate {s['gate_score']:.2f}): {s['question']} → {s['answers']['bundle'][:120]!r}")
     (out / "report.md").write_text("\n".join(lines) + "\n")
     written += _plots(report, out)
-    return written
+    return [path.name for path in written]
 
 
 def _plots(report: dict[str, Any], out: Path) -> list[Path]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -65,8 +64,7 @@ def run_policy(name: str, bundles: Path, model_dir: Path, rebuild: bool) -> None
         if rebuild or not (out / "manifest.json").is_file():
             crvlm("build-bundle", "--policy", str(policy), "--out", str(out), "--overwrite", *model, *flags)
         crvlm("eval", "--bundle", str(out), "--policy", str(policy), "--out", str(HERE / name / report),
-              "--baseline", baselines, *model)
-        shutil.copyfile(out / "manifest.json", HERE / name / report / "bundle-manifest.json")
+              "--baseline", baselines, "--overwrite", *model)
 
 
 def _rate(m: dict, key: str) -> str:
