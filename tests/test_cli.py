@@ -96,3 +96,18 @@ def test_listings_piped_keep_identifiers_whole_and_speak_json(tmp_path):
     verified = json.loads(subprocess.run([sys.executable, "-m", "crvlm_sdk.cli", "verify", str(fixture), "--json"],
                                          capture_output=True, text=True, env=env, check=True).stdout)
     assert verified == {"ok": True, "path": str(fixture), "bundle": "cooking", "model": None}
+
+
+def test_markup_in_paths_and_names_is_printed_as_written(bundle_dir, tmp_path):
+    """``[/x]`` in a path crashed the error printer itself; ``[link=…]`` in a policy name became a
+    terminal hyperlink."""
+    odd = tmp_path / "a[" / "x]b"
+    result = runner.invoke(app, ["verify", str(odd)])
+    assert result.exit_code == 3 and "Traceback" not in result.output
+    assert "a[/x]b" in result.output.replace("\n", "")
+    raw = json.loads((bundle_dir / MANIFEST).read_text())
+    raw["policy"]["name"] = "[link=https://example.com]cooking[/link] [/oops]"
+    (bundle_dir / MANIFEST).write_text(json.dumps(raw))
+    result = runner.invoke(app, ["inspect", str(bundle_dir)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "[link=https://example.com]cooking[/link] [/oops]" in result.output

@@ -16,7 +16,9 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from crvlm_sdk.errors import CrvlmError
 from crvlm_sdk.files import BUNDLE, REPORT
@@ -38,14 +40,20 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a t
 def _table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[str]], **options: Any) -> Table:
     """A table whose columns are at least as wide as their longest word, so class names, paths
     and hashes wrap between words but are never split across rows (``crvlm plugins | grep``)."""
-    table = Table(title=title, **options)
+    table = Table(title=None if title is None else Text(title), **options)
     for i, name in enumerate(columns):
         longest = max([len(word) for row in rows for word in str(row[i]).split()] + [len(name)])
         table.add_column(name, min_width=longest, style="bold" if i == 0 and not options.get("show_header", True)
                          else None)
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*_plain(*row))
     return table
+
+
+def _plain(*cells: Any) -> list[Text]:
+    """Cells shown as written: names, paths and answers come from files and models, and rich
+    would read ``[/x]`` in them as markup (and fail) or ``[link=…]`` as a hyperlink."""
+    return [Text(str(cell)) for cell in cells]
 
 
 def _show(table: Table) -> None:
@@ -65,9 +73,9 @@ def user_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except CrvlmError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             if exc.hint:
-                err_console.print(f"[dim]hint: {exc.hint}[/]", highlight=False, soft_wrap=True)
+                err_console.print(f"[dim]hint: {escape(exc.hint)}[/]", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
 
     return wrapper  # type: ignore[return-value]
@@ -188,7 +196,7 @@ def verify(
         _print_json({"ok": True, "path": str(path), "bundle": bundle.name, "model": model})
         return
     target = f" and fits {model}" if model else ""
-    console.print(f"[green]OK[/]: {path} is a valid crvlm bundle ({bundle.name}){target}")
+    console.print(f"[green]OK[/]: {escape(f'{path} is a valid crvlm bundle ({bundle.name}){target}')}")
 
 
 def _load(model: str, gguf_file: str | None, device: str, dtype: str, adapter: str | None):
@@ -302,22 +310,23 @@ def _print_build_summary(bundle: Any, path: Path) -> None:
     for row in v.get("sweep", []):
         label = row.get("label") or f"{row['band']} × {row['strength']:g}"
         if "srs" not in row:
-            sweep.add_row(row.get("stage", ""), label, "-", "-", "-", "-", row.get("skipped", ""))
+            sweep.add_row(*_plain(row.get("stage", ""), label, "-", "-", "-", "-", row.get("skipped", "")))
             continue
         keyword = row.get("srs_keyword")
-        sweep.add_row(row.get("stage", ""), label, f"{row['alpha']:.3g}", f"{row['srs']:.2f}",
-                      "-" if keyword is None else f"{keyword:.2f}", f"{row['brs']:.2f}",
-                      "✓" if row.get("chosen") else "")
+        sweep.add_row(*_plain(row.get("stage", ""), label, f"{row['alpha']:.3g}", f"{row['srs']:.2f}",
+                              "-" if keyword is None else f"{keyword:.2f}", f"{row['brs']:.2f}",
+                              "✓" if row.get("chosen") else ""))
     console.print(sweep)
-    summary = Table(title=f"bundle {m.policy.name} → {path}", show_header=False)
+    summary = Table(title=Text(f"bundle {m.policy.name} → {path}"), show_header=False)
     summary.add_column("", style="bold")
     summary.add_column("")
     steps = "every generated token" if m.decode_steps is None else f"prompt + {m.decode_steps} generated tokens"
     steering = "none" if m.alpha == 0 else f"{m.layers} (α={m.alpha:.3g}, {m.operator}, {steps})"
-    summary.add_row("steering layers", steering)
-    summary.add_row("refused answers", m.response.describe())
-    summary.add_row("gate", f"{m.gate.type} at {describe_layers(m.gate.layers)}: caught {v['gate_caught']:.0%} of "
-                            f"out-of-scope, flagged {v['gate_flagged']:.0%} of in-scope (validation)")
+    summary.add_row(*_plain("steering layers", steering))
+    summary.add_row(*_plain("refused answers", m.response.describe()))
+    summary.add_row(*_plain("gate", f"{m.gate.type} at {describe_layers(m.gate.layers)}: caught "
+                                    f"{v['gate_caught']:.0%} of out-of-scope, flagged {v['gate_flagged']:.0%} of "
+                                    "in-scope (validation)"))
     keyword = "" if v.get("srs_keyword") is None else f" (keyword {v['srs_keyword']:.3f})"
     summary.add_row("validation", f"clean SRS {v['srs']:.3f}{keyword}  BRS {v['brs']:.3f}  MB {v['mb']:.3f} "
                                   f"({v['n_out']} out / {v['n_in']} in)")
@@ -395,7 +404,7 @@ def _save_and_show_report(report: dict[str, Any], out: Path, title: str, as_json
                      "written": [str(p) for p in written]})
         return
     _show(_table(title, TABLE_COLUMNS, systems_table(report)))
-    console.print("wrote " + ", ".join(str(p) for p in written))
+    console.print(Text("wrote " + ", ".join(str(p) for p in written)))
 
 
 @app.command()
@@ -452,7 +461,7 @@ def generate(
     table = Table(show_lines=True)
     table.add_column("question", overflow="fold")
     for name in scores:
-        table.add_column(f"gate {name}")
+        table.add_column(Text(f"gate {name}"))
     if plain is not None:
         table.add_column("unsteered", overflow="fold")
     table.add_column("steered", overflow="fold")
@@ -460,7 +469,7 @@ def generate(
         cells = [question, *(f"{float(s[i]):.2f}" for s in scores.values())]
         if plain is not None:
             cells.append(plain[i])
-        table.add_row(*cells, steered[i])
+        table.add_row(*_plain(*cells, steered[i]))
     console.print(table)
 
 
@@ -481,8 +490,8 @@ def demo_model_cmd(
 
     started = time.perf_counter()
     path = demo_vlm.build_demo_model(out, overwrite=overwrite)
-    console.print(f"demo VLM written to [cyan]{path}[/] in {time.perf_counter() - started:.0f}s; load it with "
-                  "AutoModelForImageTextToText.from_pretrained and AutoProcessor.from_pretrained")
+    console.print(f"demo VLM written to [cyan]{escape(str(path))}[/] in {time.perf_counter() - started:.0f}s; "
+                  "load it with AutoModelForImageTextToText.from_pretrained and AutoProcessor.from_pretrained")
     if not check:
         return
     model, processor = load_model(path)
@@ -497,7 +506,7 @@ def demo_model_cmd(
     if report is not None:
         report.parent.mkdir(parents=True, exist_ok=True)
         report.write_text(json.dumps(figures, indent=2) + "\n")
-        console.print(f"figures written to [cyan]{report}[/]")
+        console.print(f"figures written to [cyan]{escape(str(report))}[/]")
 
 
 @app.command()
