@@ -123,6 +123,28 @@ def test_broken_plugin_is_reported_and_others_still_load(tmp_path, monkeypatch):
     assert "probe" in manager.components("gate")
 
 
+def test_plugin_that_exits_on_import_or_in_a_hook_is_a_failure_not_a_success(tmp_path, monkeypatch):
+    """``sys.exit(0)`` in a plugin made commands end with exit 0 having done nothing."""
+    fake_distribution(tmp_path, "exiting-plugin", "exiting", "exiting_mod", "import sys\nsys.exit(0)\n")
+    fake_distribution(
+        tmp_path, "exiting-hook", "exiting-hook", "exiting_hook_mod",
+        """
+        import sys
+        import crvlm_sdk
+
+        @crvlm_sdk.hookimpl
+        def crvlm_gates():
+            sys.exit(0)
+        """,
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    manager = fresh_manager()
+    assert "probe" in manager.components("gate")
+    failures = {f.name: f.error for f in manager.failures}
+    assert failures["exiting (exiting-plugin)"].startswith("SystemExit")
+    assert failures["exiting-hook (exiting-hook)"].startswith("crvlm_gates: SystemExit")
+
+
 def test_duplicate_name_names_both_providers(tmp_path, monkeypatch):
     fake_distribution(
         tmp_path, "copycat", "copycat", "copycat_mod",

@@ -72,7 +72,8 @@ class PluginManager:
             try:
                 plugin = ep.load()
                 self.pm.register(plugin, name=label)
-            except Exception as exc:  # a broken plugin must not take the others down
+            except (Exception, SystemExit) as exc:  # a broken plugin must not take the others down,
+                # nor end the command "successfully" by calling sys.exit on import
                 self.failures.append(PluginFailure(label, f"{type(exc).__name__}: {exc}"))
         self._components = None
 
@@ -104,7 +105,7 @@ class PluginManager:
                 provider = impl.plugin_name
                 try:
                     classes = impl.function() or []
-                except Exception as exc:
+                except (Exception, SystemExit) as exc:
                     self.failures.append(PluginFailure(provider, f"{hook_name}: {type(exc).__name__}: {exc}"))
                     continue
                 for cls in classes:
