@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from crvlm_sdk.errors import CrvlmError
+from crvlm_sdk.errors import BundleError, CrvlmError
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,8 @@ class Artifact:
     marker: str
     names: frozenset[str]
     suffixes: tuple[str, ...] = ()
+    #: what a refusal raises (its exit code in the CLI)
+    error: type[CrvlmError] = CrvlmError
 
     def owns(self, name: str) -> bool:
         return name in self.names or name.endswith(self.suffixes)
@@ -37,23 +39,24 @@ class Artifact:
         if not (target.exists() or target.is_symlink()):
             return
         if not overwrite:
-            raise CrvlmError(f"{target} already exists", hint=f"pass --overwrite (overwrite=True) to replace the "
+            raise self.error(f"{target} already exists", hint=f"pass --overwrite (overwrite=True) to replace the "
                                                               f"{self.what}, or choose another path")
         refuse = f"; --overwrite replaces only a {self.what} crvlm wrote"
         if target.is_symlink() or not target.is_dir():
-            raise CrvlmError(f"{target} is not a {self.what} directory{refuse}", hint="choose another path")
+            raise self.error(f"{target} is not a {self.what} directory{refuse}", hint="choose another path")
         names = {entry.name for entry in target.iterdir()}
         if self.marker not in names:
-            raise CrvlmError(f"{target} is not a {self.what} (it has no {self.marker}){refuse}",
+            raise self.error(f"{target} is not a {self.what} (it has no {self.marker}){refuse}",
                              hint="choose another path")
         foreign = sorted(name for name in names if not self.owns(name))
         if foreign:
             shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-            raise CrvlmError(f"{target} holds files a {self.what} does not ({shown}){refuse}",
+            raise self.error(f"{target} holds files a {self.what} does not ({shown}){refuse}",
                              hint="move them elsewhere or choose another path")
 
 
-BUNDLE = Artifact("bundle", "manifest.json", frozenset({"manifest.json", "tensors.safetensors", "README.md"}))
+BUNDLE = Artifact("bundle", "manifest.json", frozenset({"manifest.json", "tensors.safetensors", "README.md"}),
+                  error=BundleError)
 REPORT = Artifact("report", "report.json", frozenset({"report.json", "report.md", "bundle-manifest.json"}),
                   (".png",))
 DEMO_MODEL = Artifact("demo model", "crvlm_demo_vlm.json", frozenset(), (".json", ".jinja", ".safetensors", ".txt"))
@@ -120,7 +123,7 @@ def atomic_directory(target: Path, kind: Artifact, *, overwrite: bool = False) -
             try:
                 os.rename(tmp, target)  # fails on a non-empty directory written meanwhile
             except OSError:
-                raise CrvlmError(f"{target} was created by someone else while this {kind.what} was written",
+                raise kind.error(f"{target} was created by someone else while this {kind.what} was written",
                                  hint="pass --overwrite (overwrite=True) to replace it") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

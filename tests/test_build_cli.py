@@ -96,7 +96,7 @@ def test_build_refuses_existing_out(tiny_llama_dir, small_policy, tmp_path):
     (tmp_path / "exists").mkdir()
     result = runner.invoke(app, ["build-bundle", "--model", str(tiny_llama_dir), "--policy", str(small_policy),
                                  "--out", str(tmp_path / "exists")])
-    assert result.exit_code == 1 and "already exists" in result.output
+    assert result.exit_code == 3 and "already exists" in result.output
 
 
 def test_build_overwrite_never_deletes_a_folder_that_is_not_a_bundle(tiny_llama_dir, small_policy, tmp_path):
@@ -105,7 +105,7 @@ def test_build_overwrite_never_deletes_a_folder_that_is_not_a_bundle(tiny_llama_
     (source / "app.py").write_text("precious = True\n")
     result = runner.invoke(app, ["build-bundle", "--model", str(tiny_llama_dir), "--policy", str(small_policy),
                                  "--out", str(source), "--overwrite"])
-    assert result.exit_code == 1 and "is not a bundle" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 3 and "is not a bundle" in result.output and "Traceback" not in result.output
     assert (source / "app.py").read_text() == "precious = True\n"
 
 
