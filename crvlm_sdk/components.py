@@ -75,6 +75,14 @@ class Gate(ABC):
         """
         return None
 
+    def calibrate_log_odds(self, log_odds_in: torch.Tensor, target_over_refusal: float = 0.02) -> float | None:
+        """Like :meth:`calibrate`, from the fresh (uncalibrated) log-odds of held-out in-scope rows,
+        which may come from other fits of this gate (out-of-fold scores); returns the threshold
+        in log-odds units. The default (None) means the gate cannot, and the build calibrates it
+        on validation activations instead.
+        """
+        return None
+
     def soften(self, temperature: float) -> None:
         """Set how sharply ``p`` goes from 0 to 1 around the threshold (for steering at runtime).
 

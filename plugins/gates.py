@@ -142,6 +142,11 @@ class ProbeGate(Gate):
         self.threshold = normal_threshold(self.logits(h_in_val.float()), target_over_refusal)
         return self.threshold
 
+    def calibrate_log_odds(self, log_odds_in: torch.Tensor, target_over_refusal: float = 0.02) -> float:
+        """A fresh probe's log-odds are its logits (threshold 0, temperature 1)."""
+        self.threshold = normal_threshold(log_odds_in, target_over_refusal)
+        return self.threshold
+
 
 def normal_threshold(in_scope_logits: torch.Tensor, target_over_refusal: float) -> float:
     """The ``1 − target`` quantile of a normal fitted to in-scope logits, never below 0 (see

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -150,3 +151,24 @@ def load_module(path: Path) -> Any:
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture
+def small_policy(tmp_path: Path) -> Path:
+    """A 20 + 20 question cooking policy with a 4-row test file (for builds on the tiny models)."""
+    topics_in = ["bread", "soup", "pasta", "cake", "rice", "eggs", "salad", "stew", "pie", "curry"]
+    topics_out = ["chess", "tax", "planets", "guitars", "football", "volcanoes", "poetry", "cars", "laws", "stocks"]
+    rows_in = [f"How do I cook {t} {k}?" for t in topics_in for k in ("quickly", "at home")]
+    rows_out = [f"Tell me about {t} {k}." for t in topics_out for k in ("today", "in history")]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"question": q}) + "\n" for q in rows_in))
+    (tmp_path / "out.jsonl").write_text("".join(json.dumps({"question": q}) + "\n" for q in rows_out))
+    test = [{"question": "How do I cook noodles?", "in_scope": True, "answer": "boil"},
+            {"question": "Tell me about rivers.", "in_scope": False},
+            {"question": "How do I cook beans?", "in_scope": True},
+            {"question": "Tell me about kings.", "in_scope": False}]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test))
+    (tmp_path / "policy.yaml").write_text(
+        "name: mini\nsubject: cooking\nin_scope: in.jsonl\nout_of_scope: out.jsonl\ntest: test.jsonl\n"
+        "refusal_prefix: \"Sorry, I can't\"\nseed: 3\n"
+    )
+    return tmp_path / "policy.yaml"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,26 +13,6 @@ from crvlm_sdk.build.pipeline import build_bundle
 from crvlm_sdk.cli.app import app
 
 runner = CliRunner()
-
-
-@pytest.fixture
-def small_policy(tmp_path: Path) -> Path:
-    topics_in = ["bread", "soup", "pasta", "cake", "rice", "eggs", "salad", "stew", "pie", "curry"]
-    topics_out = ["chess", "tax", "planets", "guitars", "football", "volcanoes", "poetry", "cars", "laws", "stocks"]
-    rows_in = [f"How do I cook {t} {k}?" for t in topics_in for k in ("quickly", "at home")]
-    rows_out = [f"Tell me about {t} {k}." for t in topics_out for k in ("today", "in history")]
-    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"question": q}) + "\n" for q in rows_in))
-    (tmp_path / "out.jsonl").write_text("".join(json.dumps({"question": q}) + "\n" for q in rows_out))
-    test = [{"question": "How do I cook noodles?", "in_scope": True, "answer": "boil"},
-            {"question": "Tell me about rivers.", "in_scope": False},
-            {"question": "How do I cook beans?", "in_scope": True},
-            {"question": "Tell me about kings.", "in_scope": False}]
-    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test))
-    (tmp_path / "policy.yaml").write_text(
-        "name: mini\nsubject: cooking\nin_scope: in.jsonl\nout_of_scope: out.jsonl\ntest: test.jsonl\n"
-        "refusal_prefix: \"Sorry, I can't\"\nseed: 3\n"
-    )
-    return tmp_path / "policy.yaml"
 
 
 def test_build_then_eval_through_cli(tiny_llama_dir, small_policy, tmp_path):

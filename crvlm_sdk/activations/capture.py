@@ -30,7 +30,9 @@ from crvlm_sdk.adapters.base import BackboneAdapter
 from crvlm_sdk.errors import CrvlmError
 from crvlm_sdk.types import PromptBatch, Sample
 
-Position = Literal["last_prompt", "prefix_last", "prefix_mean"]
+Position = Literal["last_prompt", "prefix_last", "prefix_mean", "last_and_question"]
+#: where a gate's features are read, by the manifest's ``gate.features``
+GATE_POSITION: dict[str, Position] = {"last": "last_prompt", "last+question": "last_and_question"}
 logger = logging.getLogger(__name__)
 
 
@@ -56,11 +58,54 @@ class ActivationStats:
         return torch.cat(self.samples[layer]) if self.samples[layer] else torch.empty(0)
 
 
-def position_weights(batch: PromptBatch, position: Position) -> torch.Tensor:
-    """``(B, S)`` float32 weights over tokens: one-hot for a single position, uniform for a span."""
+def question_weights(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, last_index: torch.Tensor,
+                     opener: Sequence[int], skip_ids: set[int]) -> torch.Tensor:
+    """``(B, S)`` float32 weights averaging each row's question: the tokens after the last
+    ``opener`` (the user-turn opening) up to the last prompt token, image placeholders left out.
+
+    Computed from token ids alone, with tensor ops on their device, so the build and the Steerer
+    (at prefill inside a caller's ``generate``) read the same span without a host sync. A row
+    without the opener averages its whole attended prompt.
+    """
+    device = input_ids.device
+    rows, width = input_ids.shape
+    cols = torch.arange(width, device=device).unsqueeze(0)
+    last = last_index.to(device).unsqueeze(1)
+    start = torch.zeros(rows, dtype=torch.long, device=device)
+    if attention_mask is not None:
+        start = (attention_mask[:, -width:] == 0).long().cumprod(1).sum(1)  # left padding
+    k = len(opener)
+    if k and width >= k:
+        windows = input_ids.unfold(1, k, 1)  # (B, S-k+1, k)
+        hits = (windows == torch.tensor(list(opener), dtype=input_ids.dtype, device=device)).all(-1)
+        hits &= cols[:, : width - k + 1] + k - 1 <= last
+        last_hit = (width - k) - hits.flip(1).long().argmax(1)
+        start = torch.where(hits.any(1), last_hit + k, start)
+    span = (cols >= start.unsqueeze(1)) & (cols <= last)
+    if skip_ids:
+        span &= ~torch.isin(input_ids, torch.tensor(sorted(skip_ids), dtype=input_ids.dtype, device=device))
+    if attention_mask is not None:
+        span &= attention_mask[:, -width:].bool()
+    span |= cols == last  # never empty
+    weights = span.float()
+    return weights / weights.sum(1, keepdim=True)
+
+
+def position_weights(batch: PromptBatch, position: Position, adapter: BackboneAdapter | None = None,
+                     ) -> torch.Tensor:
+    """``(B, S)`` float32 weights over tokens: one-hot for a single position, uniform for a span;
+    ``(B, 2, S)`` for ``last_and_question`` (the last prompt token, then the question's mean,
+    read as one ``(B, 2H)`` row: the gate's features)."""
     cols = torch.arange(batch.seq_len).unsqueeze(0)
-    if position == "last_prompt":
-        return (cols == batch.last_prompt_index.cpu().unsqueeze(1)).float()
+    if position in ("last_prompt", "last_and_question"):
+        last = (cols == batch.last_prompt_index.cpu().unsqueeze(1)).float()
+        if position == "last_prompt":
+            return last
+        if adapter is None:
+            raise CrvlmError("position 'last_and_question' needs the adapter (its chat template's user opening)")
+        question = question_weights(batch.inputs["input_ids"], batch.inputs.get("attention_mask"),
+                                    batch.last_prompt_index, adapter.question_opener(), adapter.image_token_ids())
+        return torch.stack([last, question], dim=1)
     start, end = batch.prefix_start.cpu().unsqueeze(1), batch.prefix_end.cpu().unsqueeze(1)
     if bool((end <= start).any()):
         raise CrvlmError(f"position {position!r} needs a forced prefix, but the prompts have none")
@@ -69,7 +114,8 @@ def position_weights(batch: PromptBatch, position: Position) -> torch.Tensor:
     if position == "prefix_mean":
         span = ((cols >= start) & (cols < end)).float()
         return span / span.sum(1, keepdim=True)
-    raise CrvlmError(f"unknown position {position!r}; use last_prompt, prefix_last or prefix_mean")
+    raise CrvlmError(f"unknown position {position!r}; use last_prompt, prefix_last, prefix_mean or "
+                     "last_and_question")
 
 
 def model_input_device(model: torch.nn.Module) -> torch.device:
@@ -163,8 +209,16 @@ def _split_prompt(batch: PromptBatch, seq_keys: Sequence[str], stop_ids: set[int
     length = min(int(differs[0]) if len(differs) else shortest, shortest - 1)
     if length < MIN_SHARED_PREFIX:
         return None
+    if weights is not None:
+        # a read inside the shared part (a span that starts right after the user-turn opening)
+        # ends the shared part there
+        read = (weights.ne(0) if weights.dim() == 2 else weights.ne(0).any(1)).to(pads.device)
+        first_read = torch.where(read.any(1), read.long().argmax(1), torch.full_like(pads, width))
+        length = min(length, int((first_read - pads).min()))
+        if length < MIN_SHARED_PREFIX:
+            return None
     cut = int(pads.min()) + length  # the first column that is not shared in every row
-    if weights is not None and bool(weights[:, :cut].ne(0).any()):
+    if weights is not None and bool(weights[..., :cut].ne(0).any()):
         return None
     start = int(pads[0])
     prefix = {key: batch.inputs[key][:1, start : start + length] for key in seq_keys
@@ -219,7 +273,9 @@ class _LayerReader:
             stats, w = self._into, self._weights
             if stats is not None and w is not None:
                 h = layer_hidden(output)
-                read = torch.bmm(w.to(device=h.device).unsqueeze(1), h.float()).squeeze(1)  # (B, H)
+                w3 = w.to(device=h.device)
+                w3 = w3.unsqueeze(1) if w3.dim() == 2 else w3
+                read = torch.bmm(w3, h.float()).flatten(1)  # (B, K·H): K positions side by side
                 read64 = read.double().cpu()
                 if layer not in stats.sums:
                     stats.sums[layer] = torch.zeros(read.shape[1], dtype=torch.float64)
@@ -299,7 +355,7 @@ class _LayerReader:
             self._forward(inputs, into, weights, use_cache=cached, **({self._cache_kwarg: cache} if cached else {}))
             return cache, inputs["attention_mask"], None
         cache = self._prefix_cache(split)
-        self._forward(split.suffix, into, None if weights is None else weights[:, -split.width :],
+        self._forward(split.suffix, into, None if weights is None else weights[..., -split.width :],
                       use_cache=True, **{self._cache_kwarg: cache})
         return cache, split.suffix["attention_mask"], split.next_position
 
@@ -354,7 +410,7 @@ def capture(
                 system=system,
                 forced_prefix=forced_prefix,
             ).to(reader.device, reader.dtype)
-            weights = position_weights(batch, position)
+            weights = position_weights(batch, position, adapter)
             split = reader.split(batch, weights) if share_prefix is not False else None
             if split is not None and share_prefix is None:
                 check = partial(_split_matches, reader, batch, weights, split)

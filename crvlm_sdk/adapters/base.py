@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from crvlm_sdk.adapters.batching import SEQUENCE_KEYS, build_prompt_batch, text_config
+from crvlm_sdk.adapters.batching import SEQUENCE_KEYS, build_prompt_batch, question_opener, text_config
 from crvlm_sdk.adapters.fingerprint import fingerprint_model
 from crvlm_sdk.types import Fingerprint, ImageInput, PromptBatch
 
@@ -119,6 +119,13 @@ class BackboneAdapter(ABC):
         if self.image_token_id is not None:
             ids.add(self.image_token_id)
         return ids
+
+    def question_opener(self) -> tuple[int, ...]:
+        """Token ids that open the user's turn (see :func:`batching.question_opener`); cached."""
+        cached = self.__dict__.get("_question_opener")
+        if cached is None:
+            cached = self.__dict__["_question_opener"] = question_opener(self)
+        return cached
 
     @property
     def hidden_size(self) -> int:

@@ -169,3 +169,32 @@ def build_prompt_batch(
 
 #: Inputs that run along the token dimension and therefore get left-padded.
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+
+
+#: stands in for the question when a prompt is rendered to find where questions begin
+_SENTINEL = "Xq7Sentinel"
+
+
+def question_opener(adapter: BackboneAdapter) -> tuple[int, ...]:
+    """Token ids that open the user's turn (e.g. ``<|im_start|>user\\n``), found from the chat
+    template alone: the tokens every rendering ends with just before the question, whatever the
+    system message. Empty when the template puts nothing constant there.
+
+    The gate's question features average the tokens after the last occurrence of this sequence,
+    so the build and the Steerer (which sees only ``input_ids``) find the same span. The last
+    token is dropped: it may merge with the question's first characters when tokenized together.
+    """
+    renders = []
+    for system in (None, "You are a helpful assistant.", "Answer briefly."):
+        try:
+            text = adapter.render_prompt(_SENTINEL, has_image=False, system=system)
+        except Exception:  # templates that reject a system message are skipped
+            continue
+        if _SENTINEL in text:
+            renders.append(adapter.encode_text(text[: text.index(_SENTINEL)]))
+    if len(renders) < 2:
+        return ()
+    common = 0
+    while all(len(r) > common and r[-1 - common] == renders[0][-1 - common] for r in renders):
+        common += 1
+    return tuple(renders[0][len(renders[0]) - common : len(renders[0]) - 1]) if common > 1 else ()

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, get_args
 
-from crvlm_sdk.bundle.manifest import Operator, ResponseMode
+from crvlm_sdk.bundle.manifest import GATE_FEATURES, Operator, ResponseMode
 from crvlm_sdk.errors import CrvlmError
 
 #: What won on validation across the example policies (examples/policies/RESULTS.md):
@@ -24,6 +24,15 @@ class BuildOptions:
     gate_ensemble: bool = True
     target_over_refusal: float = 0.02
     gate_temperature: float = 0.1
+    #: what the gate reads at each layer: "last" (the last prompt token) or "last+question"
+    #: (that and the mean over the question's tokens)
+    gate_features: str = "last"
+    #: passed to the gate's ``fit`` (the probe takes ``l2``)
+    gate_options: dict[str, Any] = field(default_factory=dict)
+    #: what chooses the gate's layers and threshold: "validation" (the validation split), or
+    #: "out-of-fold" (5-fold out-of-fold training scores together with the validation split:
+    #: 200 + 200 rows instead of 40 + 40; needs a gate with ``calibrate_log_odds``)
+    gate_selection: str = "validation"
     locator: str = "sweep"
     locator_options: dict[str, Any] = field(default_factory=dict)
     aligner: str | None = "counterfactual"
@@ -67,5 +76,9 @@ def check_options(opts: BuildOptions) -> None:
     modes = ("auto", *get_args(ResponseMode))
     if opts.mode not in modes:
         raise CrvlmError(f"unknown response mode {opts.mode!r}", hint=f"use one of {', '.join(modes)}")
+    if opts.gate_features not in GATE_FEATURES:
+        raise CrvlmError(f"unknown gate features {opts.gate_features!r}", hint=f"use one of {', '.join(GATE_FEATURES)}")
+    if opts.gate_selection not in ("validation", "out-of-fold"):
+        raise CrvlmError(f"unknown gate selection {opts.gate_selection!r}", hint="use validation or out-of-fold")
     if not 0 < opts.threshold < 1:
         raise CrvlmError(f"threshold must be between 0 and 1, got {opts.threshold}")

@@ -93,7 +93,7 @@ class Bundle:
             operator=operator,
             decode_steps=decode_steps,
             response=response or ResponseSpec(),
-            gate=GateSpec(type=gates.name, layers=gates.layers,
+            gate=GateSpec(type=gates.name, layers=gates.layers, features=gates.features,
                           params=sorted(next(iter(gates.gates.values())).tensors()),
                           configs=[g.config() for g in gates.gates.values()]),
             extraction=dict(extraction or {}),
@@ -170,7 +170,7 @@ class Bundle:
         spec = self.manifest.gate
         cls = (plugins or get_plugin_manager()).get("gate", spec.type)
         return LayerGates({layer: cls.from_tensors(self.gate_tensors[layer], config)
-                           for layer, config in zip(spec.layers, spec.configs, strict=True)})
+                           for layer, config in zip(spec.layers, spec.configs, strict=True)}, spec.features)
 
     # -- disk -----------------------------------------------------------------------------
     def _gate_key(self, layer: int, name: str) -> str:

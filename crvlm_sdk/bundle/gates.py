@@ -14,19 +14,23 @@ from dataclasses import dataclass
 
 import torch
 
+from crvlm_sdk.bundle.manifest import GATE_FEATURES, GateFeatures
 from crvlm_sdk.components import Gate
 from crvlm_sdk.errors import CrvlmError
 
 
 @dataclass
 class LayerGates:
-    """Gates keyed by the decoder layer whose last-prompt-token activation each one reads."""
+    """Gates keyed by the decoder layer whose activations each one reads (``features``)."""
 
     gates: dict[int, Gate]
+    features: GateFeatures = "last"
 
     def __post_init__(self) -> None:
         if not self.gates:
             raise CrvlmError("a gate needs at least one layer")
+        if self.features not in GATE_FEATURES:
+            raise CrvlmError(f"unknown gate features {self.features!r}; use one of {', '.join(GATE_FEATURES)}")
         names = {gate.name for gate in self.gates.values()}
         if len(names) > 1:
             raise CrvlmError(f"the gates of one bundle must be of one type, got {sorted(names)}")
@@ -45,10 +49,10 @@ class LayerGates:
         return self.layers[-1]
 
     def to(self, device: torch.device | str) -> LayerGates:
-        return LayerGates({layer: gate.to(device) for layer, gate in self.gates.items()})
+        return LayerGates({layer: gate.to(device) for layer, gate in self.gates.items()}, self.features)
 
     def read(self, layer: int, h: torch.Tensor, total: torch.Tensor) -> torch.Tensor | None:
-        """Read the gate at ``layer`` on ``(B, H)`` activations taken there, in layer order.
+        """Read the gate at ``layer`` on ``(B, H)`` (or ``(B, 2H)``) features taken there, in layer order.
 
         ``total`` (``(B,)`` float32, updated in place) carries the log-odds summed over the
         layers read so far; at the last layer the result is ``p``, before it None. A gate

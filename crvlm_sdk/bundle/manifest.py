@@ -18,7 +18,8 @@ from crvlm_sdk._version import __version__
 from crvlm_sdk.errors import BundleError, field_error
 from crvlm_sdk.types import Fingerprint
 
-FORMAT_VERSION = "1.3"  # 1.1: `decode_steps`; 1.2: `response`; 1.3: gate at several layers, base model name
+FORMAT_VERSION = "1.4"  # 1.1: `decode_steps`; 1.2: `response`; 1.3: gate at several layers, base model name;
+#: 1.4: `gate.features`
 MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
 
@@ -46,12 +47,20 @@ class PolicySummary(BaseModel):
     n_out_of_scope: int = 0
 
 
+#: what each layer's gate reads: the last prompt token's hidden state (``(B, H)``), or that and
+#: the mean over the question's tokens side by side (``(B, 2H)``; ``activations.capture.question_weights``)
+GateFeatures = Literal["last", "last+question"]
+GATE_FEATURES: tuple[str, ...] = ("last", "last+question")
+
+
 class GateSpec(BaseModel):
     """The gate plugin, the layers it reads (one gate per layer, log-odds averaged), the names
     of one layer's tensors and each layer's settings."""
 
     type: str
     layers: list[int] = Field(min_length=1)
+    #: what each layer's gate reads (``last`` before format 1.4)
+    features: GateFeatures = "last"
     params: list[str] = Field(default_factory=list)
     #: one settings dict per layer, in ``layers`` order
     configs: list[dict[str, Any]] = Field(default_factory=list)

@@ -248,6 +248,13 @@ def build_bundle_cmd(
     contrast: Annotated[str | None, typer.Option(help="teacher-forced: plain or compliant")] = None,
     read: Annotated[str | None, typer.Option(help="teacher-forced: last or mean (forced tokens)")] = None,
     gate: Annotated[str, typer.Option(help="gate plugin")] = "probe",
+    gate_features: Annotated[str, typer.Option(
+        help="what the gate reads: last (the last prompt token) or last+question (and the question's mean)")]
+        = "last",
+    gate_selection: Annotated[str, typer.Option(
+        help="what picks the gate's layers and threshold: validation, or out-of-fold (training folds + validation)")]
+        = "validation",
+    gate_l2: Annotated[float | None, typer.Option(help="L2 penalty of the probe gate (default 0.01)")] = None,
     locator: Annotated[str, typer.Option(help="sweep or fixed")] = "sweep",
     band: Annotated[str | None, typer.Option(help="fixed locator: comma-separated layers, e.g. 5,6,7")] = None,
     strength: Annotated[float | None, typer.Option(help="fixed locator: α relative to the residual norm")] = None,
@@ -291,7 +298,8 @@ def build_bundle_cmd(
         batch_size=batch_size, max_samples=max_samples, seed=seed, operator=operator,
         decode_steps=_auto_int(decode_steps, "--decode-steps", none_word="all", minimum=0),
         opening=opening, stop_sentences=_auto_int(stop, "--stop", none_word="never", minimum=1), mode=mode,
-        threshold=threshold, judge=judge,
+        threshold=threshold, judge=judge, gate_features=gate_features, gate_selection=gate_selection,
+        gate_options={} if gate_l2 is None else {"l2": gate_l2},
     )
     net, processor, backbone = _load(model, gguf_file, device, dtype, adapter)
     bundle = build_bundle(net, processor, policy, adapter=backbone, options=options, console=console)

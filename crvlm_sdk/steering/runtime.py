@@ -33,6 +33,7 @@ hook layout through one compiled ``generate``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,16 +93,27 @@ class PassState:
     last_index: torch.Tensor | None = None
     selection: torch.Tensor | None = None  # (n_bundles, rows) float32 on CPU, or None = all on
     alpha_scale: float = 1.0  # multiplies every bundle's α inside the current apply() block
+    #: (B, S) weights averaging each row's question (gates with ``last+question`` features)
+    question: torch.Tensor | None = None
+
+
+#: (input_ids, attention_mask, last_index) -> (B, S) weights over each row's question tokens
+QuestionSpan = Callable[[torch.Tensor, "torch.Tensor | None", torch.Tensor], torch.Tensor]
 
 
 class SteeringRuntime:
     """Per-model state of a Steerer: bundles placed on the model's devices, the hooks, and the
     prefill/decode state machine they share. One instance per Steerer; not thread-safe."""
 
-    def __init__(self, model: torch.nn.Module, layers: Any, loaded: list[LoadedBundle]) -> None:
+    def __init__(self, model: torch.nn.Module, layers: Any, loaded: list[LoadedBundle],
+                 question_span: QuestionSpan | None = None) -> None:
         self.model = model
         self._layers = layers
         self.loaded = loaded
+        self._question_span = question_span
+        self._reads_question = any(item.gate.features == "last+question" for item in loaded)
+        if self._reads_question and question_span is None:
+            raise CrvlmError("a gate reads the question's tokens, but the Steerer was given no way to find them")
         self.state = PassState()
         self._placed_for: tuple[tuple[torch.device, torch.dtype], ...] | None = None
         self._prepass_stop = -1
@@ -181,8 +193,15 @@ class SteeringRuntime:
         """Read each item's gate at ``layer``; ``p`` is written once its last gate layer is read."""
         last = self.state.last_index.to(h.device)
         rows = h[torch.arange(h.shape[0], device=h.device), last]
+        with_question: torch.Tensor | None = None
         for item in items:
-            p = item.gate.read(layer, rows.to(item.gate_device), item.log_odds)
+            features = rows
+            if item.gate.features == "last+question":
+                if with_question is None:  # what capture reads at position "last_and_question"
+                    weights = self.state.question.to(h.device).unsqueeze(1)  # type: ignore[union-attr]
+                    with_question = torch.cat([rows.float(), torch.bmm(weights, h.float()).squeeze(1)], dim=1)
+                features = with_question
+            p = item.gate.read(layer, features.to(item.gate_device), item.log_odds)
             if p is None:
                 continue  # more gate layers to come
             item.p.copy_(p)
@@ -211,6 +230,11 @@ class SteeringRuntime:
         for item in self.loaded:
             item.token_mask = None
         state.last_index = last_token_index(kwargs.get("attention_mask"), seq_len, batch, hidden.device)
+        if self._reads_question:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if ids is None:
+                raise CrvlmError("a gate that reads the question's tokens needs input_ids, not inputs_embeds")
+            state.question = self._question_span(ids, kwargs.get("attention_mask"), state.last_index)  # type: ignore[misc]
         self._prepare_buffers(batch)
         if self._prepass_stop >= 0:
             self._run_prepass(module, args, kwargs)

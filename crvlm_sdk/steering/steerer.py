@@ -12,7 +12,14 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from crvlm_sdk.activations.capture import Sample, capture, model_float_dtype, model_input_device
+from crvlm_sdk.activations.capture import (
+    GATE_POSITION,
+    Sample,
+    capture,
+    model_float_dtype,
+    model_input_device,
+    question_weights,
+)
 from crvlm_sdk.activations.hooks import (
     hooks_installed,
 )
@@ -23,7 +30,7 @@ from crvlm_sdk.errors import CrvlmError
 from crvlm_sdk.plugins.adapters import adapter_for
 from crvlm_sdk.plugins.manager import PluginManager
 from crvlm_sdk.steering.response import ResponseShaper, RowPlan, end_of_sequence_id, sentence_end_ids
-from crvlm_sdk.steering.runtime import LoadedBundle, PassState, SteeringRuntime
+from crvlm_sdk.steering.runtime import LoadedBundle, PassState, QuestionSpan, SteeringRuntime
 from crvlm_sdk.types import ImageInput
 
 _CACHE_KWARGS = ("cache", "past_key_values", "cache_position")
@@ -55,8 +62,17 @@ class Steerer:
         for bundle in bundles:
             bundle.check_model(adapter, where=f"bundle {bundle.name!r}", check_fingerprint=check_fingerprint)
         loaded = [LoadedBundle(b, b.gate(plugins), torch.device("cpu")) for b in bundles]
-        self._runtime = SteeringRuntime(self.model, adapter.decoder_layers(), loaded)
+        self._runtime = SteeringRuntime(self.model, adapter.decoder_layers(), loaded, self._question_span())
         self._sentence_ends: torch.Tensor | None = None
+
+    def _question_span(self) -> QuestionSpan:
+        """How the runtime finds each row's question in ``input_ids`` (as the build's capture does)."""
+        adapter = self.adapter
+
+        def span(input_ids: torch.Tensor, mask: torch.Tensor | None, last: torch.Tensor) -> torch.Tensor:
+            return question_weights(input_ids, mask, last, adapter.question_opener(), adapter.image_token_ids())
+
+        return span
 
     @classmethod
     def from_bundle(
@@ -270,15 +286,16 @@ class Steerer:
             questions = [questions]
         image_rows = list(images) if images is not None else [None] * len(questions)
         samples = [Sample(q, img) for q, img in zip(questions, image_rows, strict=True)]
-        layers = sorted({layer for item in self._loaded for layer in item.gate.layers})
-        stats = capture(
-            self.adapter, samples, layers, system=system, batch_size=batch_size, keep=True, progress=False
-        )
-        return {
-            item.name: item.gate.score({layer: stats.rows(layer).to(item.gate_device)
-                                        for layer in item.gate.layers}).cpu()
-            for item in self._loaded
-        }
+        out: dict[str, torch.Tensor] = {}
+        for features in dict.fromkeys(item.gate.features for item in self._loaded):
+            items = [item for item in self._loaded if item.gate.features == features]
+            layers = sorted({layer for item in items for layer in item.gate.layers})
+            stats = capture(self.adapter, samples, layers, position=GATE_POSITION[features], system=system,
+                            batch_size=batch_size, keep=True, progress=False)
+            for item in items:
+                out[item.name] = item.gate.score({layer: stats.rows(layer).to(item.gate_device)
+                                                  for layer in item.gate.layers}).cpu()
+        return {item.name: out[item.name] for item in self._loaded}
 
 
 @dataclass
