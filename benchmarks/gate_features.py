@@ -1,26 +1,24 @@
-"""Which features and which fitting make the probe gate hold up on questions phrased unlike its
-training data (a study for the next default gate, not a default).
+"""What the gate reads and what picks its layers and threshold: which way holds up on questions
+phrased unlike the training data (gate only; the study behind the gate options).
 
 Run:  python benchmarks/gate_features.py [--policies personal-finance,cooking,travel,programming,gardening]
 
-The build's gate reads the hidden state of the last prompt token, fits an L2-regularised
-logistic probe on the training split and calibrates it on the validation split (40 + 40 rows on
-these policies). On ``personal-finance`` validation separated perfectly, yet 8 of 75 in-scope
-test questions were refused: the test set asks more trivia-shaped in-scope questions ("What does
-the 'Y' in APY stand for?"), and the training set's out-of-scope questions are mostly trivia.
-This script compares, on the same SmolLM2-135M-Instruct activations:
+The default gate reads the hidden state of the last prompt token, fits an L2-regularised
+logistic probe on the training split and calibrates it and chooses its layers on the
+validation split (40 + 40 rows on these policies). On ``personal-finance`` validation separated
+perfectly, yet 8 of 75 in-scope test questions were refused: the test set asks more
+trivia-shaped in-scope questions ("What does the 'Y' in APY stand for?") and the training
+set's out-of-scope questions are mostly trivia. Each row below is ``build.gate.fit_gate`` with
+other :class:`BuildOptions` (exactly the gate a build with those options keeps), scored on the
+test split read at the gate's own features:
 
-- features: ``last`` (the build's), ``mean`` (the mean hidden state over the prompt tokens after
-  the header every prompt of the policy shares: the question and the assistant header), and
-  ``last+mean`` (both, concatenated);
-- fitting: ``train`` (fit on training, calibrate and choose layers on validation, as the build)
-  or ``cross-fit`` (fit on training + validation; the threshold (2% target, normal quantile) and
-  the layers tied best come from 5-fold out-of-fold logits of all 400 rows, then one refit).
+- ``gate_features``: ``last``, or ``last+question`` (also the mean over the question's tokens);
+- ``gate_selection``: ``validation``, or ``out-of-fold`` (5-fold out-of-fold training scores
+  together with validation choose the layers and set the threshold: 200 + 200 rows);
+- ``l2``: the probe's penalty (0.01 by default; features twice as wide take 0.1).
 
-Gate layers are those the build considers; tied layers are averaged in log-odds as in the build.
-The "val" columns are what a build could choose by: validation for ``train``, out-of-fold
-training + validation for ``cross-fit``. Test figures are for study: a default picked from them
-is tuned on these test sets and must be confirmed on a policy written afterwards.
+"val" columns are the kept gate on the validation split. Test figures are for study: options
+chosen from them are tuned on these test sets and must be confirmed on a policy written after.
 """
 
 from __future__ import annotations
@@ -33,9 +31,8 @@ from typing import Any
 import torch
 from gate_study import rates  # benchmarks/ is the script's directory, so on sys.path
 
-from crvlm_plugins.gates import ProbeGate, normal_threshold
 from crvlm_sdk import get_plugin_manager, load_model
-from crvlm_sdk.activations.capture import capture
+from crvlm_sdk.activations.capture import GATE_POSITION, capture
 from crvlm_sdk.adapters.base import BackboneAdapter
 from crvlm_sdk.build.gate import fit_gate, gate_layers
 from crvlm_sdk.build.options import BuildOptions
@@ -43,109 +40,38 @@ from crvlm_sdk.plugins.adapters import adapter_for
 from crvlm_sdk.policy import Policy
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDS = 5
-#: name -> (features, fitting, l2); the first is the build's gate
+#: name -> (gate_features, gate_selection, l2); the first is the default build's gate
 VARIANTS = {
-    "build": ("last", "train", 1e-2),
-    "last, cross-fit": ("last", "cross-fit", 1e-1),
-    "mean, cross-fit": ("mean", "cross-fit", 1e-1),
-    "last+mean, train": ("last+mean", "train", 1e-1),
-    "last+mean, cross-fit": ("last+mean", "cross-fit", 1e-1),
+    "build (last, validation)": ("last", "validation", None),
+    "last, out-of-fold": ("last", "out-of-fold", None),
+    "last+question, validation, l2 0.1": ("last+question", "validation", 0.1),
+    "last+question, out-of-fold, l2 0.1": ("last+question", "out-of-fold", 0.1),
 }
-Split = dict[str, torch.Tensor]
-
-
-@torch.no_grad()
-def prompt_means(adapter: BackboneAdapter, questions: list[str], layers: list[int]) -> dict[int, torch.Tensor]:
-    """Per layer, ``(N, H)`` mean hidden states over each prompt's tokens after the shared header."""
-    ids = [adapter.tokenizer(adapter.render_prompt(q, has_image=False, system=None),
-                             add_special_tokens=False)["input_ids"] for q in questions]
-    shared = 0
-    while all(len(row) > shared + 1 and row[shared] == ids[0][shared] for row in ids):
-        shared += 1
-    means: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-    for row in ids:
-        hidden = adapter.model(torch.tensor([row]), output_hidden_states=True).hidden_states
-        for layer in layers:
-            means[layer].append(hidden[layer + 1][0, shared:].float().mean(0))
-    return {layer: torch.stack(rows) for layer, rows in means.items()}
-
-
-def fit_probe(h_in: torch.Tensor, h_out: torch.Tensor, l2: float) -> ProbeGate:
-    gate = ProbeGate.untrained(h_in.shape[1])
-    torch.manual_seed(0)
-    gate.fit(h_in, h_out, l2=l2)
-    return gate
-
-
-def out_of_fold(h_in: torch.Tensor, h_out: torch.Tensor, l2: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw logits of every row from a probe fitted without its fold (stratified, fixed seed)."""
-    logits_in, logits_out = torch.empty(len(h_in)), torch.empty(len(h_out))
-    perm_in = torch.randperm(len(h_in), generator=torch.Generator().manual_seed(0))
-    perm_out = torch.randperm(len(h_out), generator=torch.Generator().manual_seed(1))
-    for k in range(FOLDS):
-        fold_in, fold_out = perm_in[k::FOLDS], perm_out[k::FOLDS]
-        keep_in = torch.ones(len(h_in), dtype=torch.bool)
-        keep_out = torch.ones(len(h_out), dtype=torch.bool)
-        keep_in[fold_in], keep_out[fold_out] = False, False
-        gate = fit_probe(h_in[keep_in], h_out[keep_out], l2)
-        logits_in[fold_in], logits_out[fold_out] = gate.logits(h_in[fold_in]), gate.logits(h_out[fold_out])
-    return logits_in, logits_out
-
-
-def score_variant(split: dict[str, Split], layers: list[int], fitting: str, l2: float, target: float,
-                  ) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(layers kept, held-out logits the choice was made on, their in-scope mask, test logits)."""
-    held: dict[int, torch.Tensor] = {}
-    test: dict[int, torch.Tensor] = {}
-    for layer in layers:
-        tr_in, tr_out = split["train_in"][layer], split["train_out"][layer]
-        va_in, va_out = split["val_in"][layer], split["val_out"][layer]
-        if fitting == "train":
-            gate = fit_probe(tr_in, tr_out, l2)
-            threshold = normal_threshold(gate.logits(va_in), target)
-            held[layer] = torch.cat([gate.logits(va_in), gate.logits(va_out)]) - threshold
-        else:
-            all_in, all_out = torch.cat([tr_in, va_in]), torch.cat([tr_out, va_out])
-            oof_in, oof_out = out_of_fold(all_in, all_out, l2)
-            threshold = normal_threshold(oof_in, target)
-            held[layer] = torch.cat([oof_in, oof_out]) - threshold
-            gate = fit_probe(all_in, all_out, l2)
-        test[layer] = gate.logits(split["test"][layer]) - threshold
-    n_in = len(split["val_in"][layers[0]]) + (len(split["train_in"][layers[0]]) if fitting != "train" else 0)
-    scope = torch.arange(len(held[layers[0]])) < n_in
-    margin = {layer: (lambda c, f: c - f)(*rates(held[layer], scope)) for layer in layers}
-    kept = [layer for layer in layers if margin[layer] > max(margin.values()) - 1e-9]
-    held_kept = torch.stack([held[layer] for layer in kept]).mean(0)
-    return kept, held_kept, scope, torch.stack([test[layer] for layer in kept]).mean(0)
 
 
 def study(policy_path: Path, adapter: BackboneAdapter) -> dict[str, Any]:
     pol = Policy.load(policy_path)
     data = pol.load_data()
-    opts = BuildOptions()
-    layers = gate_layers(adapter.num_layers, opts)
-    parts = {"train_in": data.train_in, "train_out": data.train_out, "val_in": data.val_in,
-             "val_out": data.val_out, "test": data.test}
-    features: dict[str, dict[str, Split]] = {"last": {}, "mean": {}, "last+mean": {}}
-    for part, samples in parts.items():
-        last = capture(adapter, samples, layers, keep=True, progress=False, batch_size=opts.batch_size)
-        mean = prompt_means(adapter, [s.question for s in samples], layers)
-        features["last"][part] = {layer: last.rows(layer) for layer in layers}
-        features["mean"][part] = mean
-        features["last+mean"][part] = {layer: torch.cat([last.rows(layer), mean[layer]], 1) for layer in layers}
     test_scope = torch.tensor([bool(s.meta["in_scope"]) for s in data.test])
+    val_scope = torch.tensor([True] * len(data.val_in) + [False] * len(data.val_out))
     out: dict[str, Any] = {"policy": pol.name, "n_test_in": int(test_scope.sum()),
                            "n_test_out": int((~test_scope).sum())}
-    for name, (kind, fitting, l2) in VARIANTS.items():
-        kept, held, held_scope, test = score_variant(features[kind], layers, fitting, l2, opts.target_over_refusal)
-        out[name] = {"layers": kept, "val": rates(held, held_scope), "test": rates(test, test_scope),
-                     "flagged_in_scope": [s.question for s, lo, i in zip(data.test, test.tolist(),
+    test_rows: dict[str, Any] = {}
+    for name, (features, selection, l2) in VARIANTS.items():
+        options = BuildOptions(gate_features=features, gate_selection=selection,
+                               gate_options={} if l2 is None else {"l2": l2})
+        fit = fit_gate(adapter, data, options, plugins=get_plugin_manager(), progress=False)
+        if features not in test_rows:
+            test_rows[features] = capture(adapter, data.test, gate_layers(adapter.num_layers, options),
+                                          position=GATE_POSITION[features], keep=True, progress=False,
+                                          batch_size=options.batch_size)
+        stats = test_rows[features]
+        log_odds = torch.logit(fit.gate.score({layer: stats.rows(layer) for layer in fit.gate.layers}), eps=1e-7)
+        val_lo = torch.logit(fit.val_p, eps=1e-7)
+        out[name] = {"layers": fit.gate.layers, "val": rates(val_lo, val_scope), "test": rates(log_odds, test_scope),
+                     "flagged_in_scope": [s.question for s, lo, i in zip(data.test, log_odds.tolist(),
                                                                          test_scope.tolist(), strict=True)
                                           if i and lo > 0]}
-    expected = fit_gate(adapter, data, opts, plugins=get_plugin_manager(), progress=False).gate.layers
-    if out["build"]["layers"] != expected:
-        raise SystemExit(f"{pol.name}: this script's build rule kept {out['build']['layers']}, fit_gate {expected}")
     return out
 
 

@@ -131,6 +131,8 @@ class VisualAligner(ABC):
 
         ``options["layers"]``, when given, are the layers results are needed at: the steering
         candidates and every gate layer (``vectors`` holds only the former).
+        ``options["gate_position"]`` is where the build's gate reads (a capture position): extra
+        gate rows (``"gate_in"``/``"gate_out"``) must be read there, or the build refuses them.
         """
 
 

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from crvlm_sdk.activations.capture import capture
+from crvlm_sdk.activations.capture import Position, capture
 from crvlm_sdk.adapters.base import BackboneAdapter
 from crvlm_sdk.components import VisualAligner
 from crvlm_sdk.types import Sample
@@ -65,11 +65,14 @@ class CounterfactualAligner(VisualAligner):
         seed: int = 0,
         batch_size: int = 8,
         progress: bool = True,
+        gate_position: Position = "last_prompt",
         **options: Any,
     ) -> dict[str, Any]:
-        """``{"directions": {layer: (H,)}, "gate_in": {layer: (n, H)}, "gate_out": ..., "pairs": [...]}``.
+        """``{"directions": {layer: (H,)}, "gate_in": {layer: (n, F)}, "gate_out": ..., "pairs": [...]}``.
 
-        Empty dict when the policy has no images on one of the two sides.
+        The gate rows are read where the build's gate reads (``gate_position``: ``F = 2H`` for
+        gates that also read the question). Empty dict when the policy has no images on one of
+        the two sides.
         """
         if not adapter.supports_images:
             return {}
@@ -85,9 +88,15 @@ class CounterfactualAligner(VisualAligner):
         plain_in = capture(adapter, ins, layers, keep=True, description="counterfactual: in-scope images", **common)
         plain_out = capture(adapter, outs, layers, keep=True, description="counterfactual: out-of-scope images",
                             **common)
+        gate_in, gate_out = plain_in, plain_out
+        if gate_position != "last_prompt":
+            gate_in = capture(adapter, ins, layers, keep=True, position=gate_position,
+                              description="counterfactual: in-scope images (gate)", **common)
+            gate_out = capture(adapter, outs, layers, keep=True, position=gate_position,
+                               description="counterfactual: out-of-scope images (gate)", **common)
         return {
             "directions": {layer: forced.mean(layer) - plain_in.mean(layer) for layer in layers},
-            "gate_in": {layer: plain_in.rows(layer) for layer in layers},
-            "gate_out": {layer: plain_out.rows(layer) for layer in layers},
+            "gate_in": {layer: gate_in.rows(layer) for layer in layers},
+            "gate_out": {layer: gate_out.rows(layer) for layer in layers},
             "pairs": [(str(o), str(i)) for o, i in pairs],
         }

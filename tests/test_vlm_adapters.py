@@ -238,14 +238,19 @@ def test_build_bundle_then_eval_through_cli_on_qwen2_vl(tiny_vlm_dirs, image_pol
     assert result.exit_code == 3 and "built for another model" in result.output
 
 
-def test_build_with_images_feeds_the_aligner_rows_to_every_gate_layer(tiny_llava_dir, image_policy):
-    """Vectors are extracted at the band only; the aligner's gate rows must still cover layers 1-3."""
+@pytest.mark.parametrize("features", ["last", "last+question"])
+def test_build_with_images_feeds_the_aligner_rows_to_every_gate_layer(tiny_llava_dir, image_policy, features):
+    """Vectors are extracted at the band only; the aligner's gate rows must still cover layers 1-3,
+    read where the gate reads."""
     from crvlm_sdk import load_model
     from crvlm_sdk.build.pipeline import build_bundle
 
     model, processor = load_model(tiny_llava_dir)
     bundle = build_bundle(model, processor, image_policy, progress=False, batch_size=4, locator="fixed",
-                          locator_options={"band": [0], "strength": 0.75})
+                          locator_options={"band": [0], "strength": 0.75}, gate_features=features)
     m = bundle.manifest
+    assert m.gate.features == features
+    width = {"last": 1, "last+question": 2}[features] * m.backbone.hidden_size
+    assert all(t["weight"].shape == (width,) for t in bundle.gate_tensors.values())
     assert m.layers == [0] and m.extraction["image_pairs"] == 2
     assert [row["layer"] for row in m.validation["gate_table"]] == [1, 2, 3]

@@ -68,9 +68,6 @@ def fit_gate(
     averaged (:class:`LayerGates`) unless ``gate_ensemble`` is off.
     """
     layers = gate_layers(adapter.num_layers, options)
-    if extra_rows and options.gate_features != "last":
-        raise CrvlmError(f"gate features {options.gate_features!r} do not combine with visual alignment yet",
-                         hint="use --gate-features last, or build without the aligner")
     common = {"batch_size": options.batch_size, "progress": progress, "keep": True,
               "position": GATE_POSITION[options.gate_features]}
     train = capture(adapter, data.train_in + data.train_out, layers, description="gate features (train)", **common)
@@ -94,6 +91,11 @@ def fit_gate(
         rows, vrows = train.rows(layer), val_rows[layer]
         h_in, h_out = rows[:n_in], rows[n_in:]
         if extra_rows:
+            width = extra_rows["gate_in"][layer].shape[1]
+            if width != h_in.shape[1]:
+                raise CrvlmError(f"the aligner's gate rows have {width} features at layer {layer}; the gate "
+                                 f"({options.gate_features!r}) reads {h_in.shape[1]}",
+                                 hint="the aligner must read its gate rows at the gate_position it is given")
             h_in = torch.cat([h_in, extra_rows["gate_in"][layer]])
             h_out = torch.cat([h_out, extra_rows["gate_out"][layer]])
         gate = fitted(h_in, h_out)

@@ -17,6 +17,7 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
+from crvlm_sdk.activations.capture import GATE_POSITION
 from crvlm_sdk.adapters.base import BackboneAdapter
 from crvlm_sdk.build.gate import GateFit, fit_gate, gate_layers
 from crvlm_sdk.build.options import DEFAULT_EXTRACTOR_OPTIONS, BuildOptions, check_options
@@ -143,7 +144,8 @@ def _align_images(backbone: BackboneAdapter, pol: Policy, data: PolicyData, opts
     layers = sorted(set(steer_layers) | set(gate_layers(backbone.num_layers, opts)))
     return aligner.align(backbone, data.train_in, data.train_out, vectors, refusal_instruction=pol.instruction(),
                          refusal_prefix=pol.refusal_prefix, layers=layers, seed=pol.seed,
-                         batch_size=opts.batch_size, progress=progress)
+                         batch_size=opts.batch_size, progress=progress,
+                         gate_position=GATE_POSITION[opts.gate_features])
 
 
 def _validation_p(gate_fit: GateFit, data: PolicyData) -> list[float]:
