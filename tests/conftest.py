@@ -172,3 +172,13 @@ def small_policy(tmp_path: Path) -> Path:
         "refusal_prefix: \"Sorry, I can't\"\nseed: 3\n"
     )
     return tmp_path / "policy.yaml"
+
+
+def write_manifest(bundle_dir: Path, raw: dict, *, reseal: bool = True) -> None:
+    """Write an edited manifest; ``reseal`` recomputes ``manifest_sha256`` so the edit reaches the
+    field checks behind the digest (what a test of those checks wants), as a forger would."""
+    from crvlm_sdk.bundle.manifest import manifest_digest
+
+    if reseal and "manifest_sha256" in raw:
+        raw["manifest_sha256"] = manifest_digest(raw)
+    (bundle_dir / "manifest.json").write_text(json.dumps(raw))

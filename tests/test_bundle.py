@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_bundle
+from conftest import make_bundle, write_manifest
 
 from crvlm_sdk import Bundle, BundleError, BundleWarning, adapter_for, load_model
 from crvlm_sdk.bundle.manifest import MANIFEST, TENSORS
@@ -21,7 +21,7 @@ def edit_manifest(path, **changes) -> None:
             del raw[key]
         else:
             raw[key] = value
-    (path / MANIFEST).write_text(json.dumps(raw))
+    write_manifest(path, raw)
 
 
 @pytest.fixture

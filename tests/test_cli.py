@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import make_bundle
+from conftest import make_bundle, write_manifest
 from typer.testing import CliRunner
 
 from crvlm_sdk.bundle.manifest import MANIFEST, TENSORS
@@ -54,7 +54,7 @@ def test_verify_tampered_exits_3_with_one_line(bundle_dir):
 def test_inspect_malformed_manifest_exits_3(bundle_dir):
     raw = json.loads((bundle_dir / MANIFEST).read_text())
     raw["layers"] = "all of them"
-    (bundle_dir / MANIFEST).write_text(json.dumps(raw))
+    write_manifest(bundle_dir, raw)
     result = runner.invoke(app, ["inspect", str(bundle_dir)])
     assert result.exit_code == 3
     assert "field `layers`" in result.output
@@ -107,7 +107,31 @@ def test_markup_in_paths_and_names_is_printed_as_written(bundle_dir, tmp_path):
     assert "a[/x]b" in result.output.replace("\n", "")
     raw = json.loads((bundle_dir / MANIFEST).read_text())
     raw["policy"]["name"] = "[link=https://example.com]cooking[/link] [/oops]"
-    (bundle_dir / MANIFEST).write_text(json.dumps(raw))
+    write_manifest(bundle_dir, raw)
     result = runner.invoke(app, ["inspect", str(bundle_dir)], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "[link=https://example.com]cooking[/link] [/oops]" in result.output
+
+
+@pytest.mark.parametrize("edit", ["alpha", "gate type", "threshold", "digest removed"])
+def test_any_edit_to_the_manifest_is_refused(bundle_dir, tiny_llama_dir, edit):
+    """Flipping α's sign, switching the gate to `always` or a NaN threshold passed
+    `verify --model` with exit 0: only the tensor file was hashed."""
+    raw = json.loads((bundle_dir / MANIFEST).read_text())
+    if edit == "alpha":
+        raw["alpha"] = -raw["alpha"]
+    elif edit == "gate type":
+        raw["gate"]["type"] = "always"
+    elif edit == "threshold":
+        raw["gate"]["configs"][0]["threshold"] = float("nan")
+    else:
+        del raw["manifest_sha256"]
+    write_manifest(bundle_dir, raw, reseal=False)
+    result = runner.invoke(app, ["verify", str(bundle_dir), "--model", str(tiny_llama_dir)])
+    assert result.exit_code == 3 and "manifest_sha256" in result.output and "Traceback" not in result.output
+
+
+def test_reformatting_the_manifest_is_not_an_edit(bundle_dir):
+    raw = json.loads((bundle_dir / MANIFEST).read_text())
+    (bundle_dir / MANIFEST).write_text(json.dumps(dict(reversed(list(raw.items()))), indent=4))
+    assert runner.invoke(app, ["verify", str(bundle_dir)]).exit_code == 0

@@ -193,7 +193,7 @@ class Bundle:
         self.manifest.tensors_sha256 = hashlib.sha256(blob).hexdigest()
         with atomic_directory(target, BUNDLE, overwrite=overwrite) as tmp:
             (tmp / TENSORS).write_bytes(blob)
-            (tmp / MANIFEST).write_text(self.manifest.model_dump_json(indent=2) + "\n")
+            (tmp / MANIFEST).write_text(self.manifest.to_json())
             (tmp / MODEL_CARD).write_text(model_card(self.manifest, target.name))
         return target
 

@@ -6,6 +6,7 @@ kept and warned about, never silently dropped.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -171,12 +172,32 @@ class Manifest(BaseModel):
     extraction: dict[str, Any] = Field(default_factory=dict)
     validation: dict[str, Any] = Field(default_factory=dict)
     tensors_sha256: str = ""
+    #: sha256 of this manifest's other fields (:func:`manifest_digest`): any edit is detected
+    manifest_sha256: str = ""
+
+    def to_json(self) -> str:
+        """The manifest as written to disk, with ``manifest_sha256`` set to cover it."""
+        raw = json.loads(self.model_dump_json())
+        self.manifest_sha256 = manifest_digest(raw)
+        return self.model_dump_json(indent=2) + "\n"
     created: str = Field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
 
     @property
     def needs_prepass(self) -> bool:
         """Whether this bundle alone needs an unsteered pre-pass to read its gate."""
         return gate_needs_prepass(self.gate.layers, self.layers)
+
+
+#: the first format whose manifests carry ``manifest_sha256`` (older ones load without the check)
+DIGEST_SINCE = (1, 4)
+
+
+def manifest_digest(raw: Mapping[str, Any]) -> str:
+    """sha256 of a manifest's JSON object without ``manifest_sha256``, keys sorted and compact,
+    so the digest depends on the content and not on the file's layout."""
+    content = {k: v for k, v in raw.items() if k != "manifest_sha256"}
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def read_manifest(path: Path) -> Manifest:
@@ -203,6 +224,12 @@ def read_manifest(path: Path) -> Manifest:
         )
     if major < our_major:
         raise BundleError(f"{path}: bundle format {version} is too old for crvlm {__version__}; rebuild it")
+    if (major, minor) >= DIGEST_SINCE:
+        stored = raw.get("manifest_sha256")
+        if not isinstance(stored, str) or stored != manifest_digest(raw):
+            raise BundleError(f"{path}: field `manifest_sha256` does not match the manifest's content "
+                              "(the manifest was edited after crvlm wrote it)",
+                              hint="rebuild the bundle; crvlm refuses hand-edited manifests")
     try:
         manifest = Manifest.model_validate(raw)
     except ValidationError as exc:
