@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -78,14 +79,23 @@ class ProbeGate(Gate):
 
     @classmethod
     def from_tensors(cls, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> ProbeGate:
-        return cls(
-            tensors["weight"],
-            tensors["bias"],
-            tensors["mean"],
-            tensors["std"],
-            threshold=float(config.get("threshold", 0.0)),
-            temperature=float(config.get("temperature", 1.0)),
-        )
+        """Rebuild a saved probe, refusing what would give NaN or a shape error at run time."""
+        settings = {}
+        for key, default in (("threshold", 0.0), ("temperature", 1.0)):
+            value = config.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise CrvlmError(f"gate config `{key}` must be a finite number, got {value!r}")
+            settings[key] = float(value)
+        missing = sorted({"weight", "bias", "mean", "std"} - set(tensors))
+        if missing:
+            raise CrvlmError(f"probe gate tensors {missing} are missing")
+        weight, bias, mean, std = (tensors[k] for k in ("weight", "bias", "mean", "std"))
+        if weight.dim() != 1 or mean.shape != weight.shape or std.shape != weight.shape or bias.numel() != 1:
+            raise CrvlmError(f"probe gate tensors have shapes weight {tuple(weight.shape)}, bias {tuple(bias.shape)}, "
+                             f"mean {tuple(mean.shape)}, std {tuple(std.shape)}; expected (F,), (), (F,), (F,)")
+        if not bool((std > 0).all()):
+            raise CrvlmError("probe gate tensor `std` has entries <= 0 (features would be divided by zero)")
+        return cls(weight, bias, mean, std, **settings)
 
     def fit(
         self,

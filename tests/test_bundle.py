@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 
@@ -9,7 +10,8 @@ import pytest
 import torch
 from conftest import make_bundle, write_manifest
 
-from crvlm_sdk import Bundle, BundleError, BundleWarning, adapter_for, load_model
+from crvlm_plugins.gates import AlwaysGate
+from crvlm_sdk import Bundle, BundleError, BundleWarning, CrvlmError, adapter_for, hookimpl, load_model
 from crvlm_sdk.bundle.manifest import MANIFEST, TENSORS
 
 
@@ -314,3 +316,124 @@ def test_save_pretrained_writes_a_model_card_and_loads_like_peft(tiny_llama, tin
     steerer = Steerer.from_pretrained(model, path, processor)
     assert steerer.bundle_names == ["test"]
     assert sorted(p.name for p in path.iterdir()) == ["README.md", "manifest.json", "tensors.safetensors"]
+
+
+# -- hardening (issue 14 #4, #5): values and shapes that reached the model as NaN or a raw error
+
+
+def _raw(path):
+    return json.loads((path / MANIFEST).read_text())
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("threshold", float("nan"), "gate config `threshold` must be a finite number"),
+    ("temperature", "warm", "gate config `temperature` must be a finite number"),
+    ("temperature", 0.0, "temperature must be > 0"),
+])
+def test_bad_gate_settings_are_refused_with_exit_3(saved, key, value, message):
+    _, path, _ = saved
+    raw = _raw(path)
+    raw["gate"]["configs"][0][key] = value
+    write_manifest(path, raw)
+    with pytest.raises(BundleError, match=message):
+        Bundle.load(path).gate()
+
+
+def _retensor(path, **replace_tensors):
+    """Rewrite the tensor file with some tensors replaced, resealing both digests."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path / TENSORS))
+    tensors.update(replace_tensors)
+    save_file(tensors, str(path / TENSORS), metadata={"format": "crvlm-bundle"})
+    raw = _raw(path)
+    raw["tensors_sha256"] = hashlib.sha256((path / TENSORS).read_bytes()).hexdigest()
+    write_manifest(path, raw)
+
+
+def test_an_all_zero_gate_std_is_refused(saved):
+    _, path, adapter = saved
+    _retensor(path, **{"gate.std": torch.zeros(adapter.hidden_size)})
+    with pytest.raises(BundleError, match="`std` has entries <= 0"):
+        Bundle.load(path).gate()
+
+
+def test_a_wrong_shaped_gate_weight_is_refused_before_any_forward(saved):
+    _, path, adapter = saved
+    _retensor(path, **{"gate.weight": torch.zeros(adapter.hidden_size + 3)})
+    with pytest.raises(BundleError, match=r"probe gate tensors have shapes weight \(35,\)"):
+        Bundle.load(path).gate()
+
+
+@pytest.mark.parametrize("case", ["huge vector", "huge alpha"])
+def test_absurd_steering_is_refused_at_load(saved, case):
+    _, path, adapter = saved
+    if case == "huge vector":
+        _retensor(path, **{"vector.1": torch.full((adapter.hidden_size,), 3e38)})
+    else:
+        raw = _raw(path)
+        raw["alpha"] = 1e30
+        write_manifest(path, raw)
+    with pytest.raises(BundleError, match=r"adds up to .* to one activation"):
+        Bundle.load(path)
+
+
+class _OddGate(AlwaysGate):
+    """A plugin gate whose output is set per test."""
+
+    name = "odd"
+    output = "nan"
+
+    def score(self, h):
+        rows = h.shape[0]
+        return {"nan": torch.full((rows,), float("nan")), "two": torch.full((rows,), 2.0),
+                "column": torch.zeros(rows, 1), "scalar": torch.tensor(0.5)}[self.output]
+
+
+@pytest.mark.parametrize(("output", "message"), [
+    ("nan", r"scores \[nan, nan\], not probabilities"),
+    ("two", r"scores \[2.0, 2.0\], not probabilities"),
+    ("column", r"returned \(2, 1\) for 2 rows"),
+    ("scalar", r"returned \(\) for 2 rows"),
+])
+def test_a_plugin_gate_with_bad_output_is_refused_when_the_steerer_is_made(tiny_llama, output, message):
+    from crvlm_sdk import PluginManager, Steerer
+
+    _, _, adapter = tiny_llama
+    manager = PluginManager()
+    manager.load_builtins()
+
+    class Plugin:
+        @staticmethod
+        @hookimpl
+        def crvlm_gates():
+            return [_OddGate]
+
+    manager.register(Plugin(), name="odd-plugin")
+    _OddGate.output = output
+    bundle = make_bundle(adapter, gate=_OddGate(), gate_layer=0)
+    with pytest.raises(BundleError, match=message):
+        Steerer(adapter, [bundle], plugins=manager)
+
+
+def test_a_gate_that_turns_nan_on_some_rows_steers_nothing_there(tiny_llama):
+    """Validation at construction sees a probe batch; at run time a NaN score counts as 0."""
+    from crvlm_sdk.bundle.gates import LayerGates
+
+    class Flaky(AlwaysGate):
+        name = "flaky"
+
+        def score(self, h):
+            return torch.where(h[:, 0] > 1e9, torch.ones(h.shape[0]), torch.full((h.shape[0],), float("nan")))
+
+    gates = LayerGates({0: Flaky()})
+    p = gates.read(0, torch.zeros(3, 4), torch.zeros(3))
+    assert p.tolist() == [0.0, 0.0, 0.0]
+    with pytest.raises(CrvlmError, match=r"returned \(3, 1\) for 3 rows"):
+        LayerGates({0: _column_gate()}).read(0, torch.zeros(3, 4), torch.zeros(3))
+
+
+def _column_gate():
+    gate = _OddGate()
+    gate.output = "column"
+    return gate

@@ -33,9 +33,13 @@ from crvlm_sdk.bundle.manifest import (
     read_manifest,
 )
 from crvlm_sdk.components import Gate
-from crvlm_sdk.errors import BundleError
+from crvlm_sdk.errors import BundleError, CrvlmError
 from crvlm_sdk.files import BUNDLE, atomic_directory
 from crvlm_sdk.plugins.manager import PluginManager, get_plugin_manager
+
+#: the most a bundle may add to one activation (α × the largest vector entry): float16 ends at
+#: 65504, and a push far past the residual stream's own scale only makes NaN or noise
+MAX_STEER = 1e4
 
 
 @dataclass
@@ -146,6 +150,12 @@ class Bundle:
                     raise BundleError(f"{where}: tensor `{self._gate_key(layer, name)}` contains NaN or inf")
         if not (m.alpha == m.alpha and abs(m.alpha) != float("inf")):
             raise BundleError(f"{where}: field `alpha` is not finite")
+        for layer, vec in self.vectors.items():
+            largest = abs(m.alpha) * float(vec.abs().max()) if vec.numel() else 0.0
+            if largest > MAX_STEER:
+                raise BundleError(f"{where}: field `alpha` × tensor `vector.{layer}` adds up to {largest:.3g} to one "
+                                  f"activation (more than {MAX_STEER:g}: no model survives that)",
+                                  hint="rebuild the bundle; vectors are unit length and α is a few residual norms")
 
     def replaced(self, *, name: str | None = None,
                  gate_tensors: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
@@ -166,11 +176,34 @@ class Bundle:
         return bundle
 
     def gate(self, plugins: PluginManager | None = None) -> LayerGates:
-        """Instantiate the bundle's gate (one plugin instance per layer it reads)."""
+        """Instantiate the bundle's gate (one plugin instance per layer it reads), checked once on
+        a probe batch: it must take the features the bundle reads and give one finite score per
+        row in [0, 1], or the bundle is refused here rather than inside a forward hook."""
         spec = self.manifest.gate
         cls = (plugins or get_plugin_manager()).get("gate", spec.type)
-        return LayerGates({layer: cls.from_tensors(self.gate_tensors[layer], config)
-                           for layer, config in zip(spec.layers, spec.configs, strict=True)}, spec.features)
+        width = self.manifest.backbone.hidden_size * (2 if spec.features == "last+question" else 1)
+        gates = {}
+        for layer, config in zip(spec.layers, spec.configs, strict=True):
+            what = f"the {spec.type!r} gate at layer {layer}"
+            try:
+                gate = cls.from_tensors(self.gate_tensors[layer], config)
+                p = gate.score(torch.zeros(2, width))
+            except BundleError:
+                raise
+            except CrvlmError as exc:
+                raise BundleError(f"bundle {self.name!r}: {what}: {exc}", hint=exc.hint) from None
+            except (RuntimeError, ValueError, IndexError, KeyError, TypeError) as exc:
+                raise BundleError(f"bundle {self.name!r}: {what} cannot read {width} features "
+                                  f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
+                                  hint="its tensors do not fit the model's hidden size") from None
+            if not isinstance(p, torch.Tensor) or tuple(p.shape) != (2,):
+                shape = tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__
+                raise BundleError(f"bundle {self.name!r}: {what} returned {shape} for 2 rows; a gate returns "
+                                  "one score per row, shape (rows,)")
+            if not bool((torch.isfinite(p) & (p >= 0) & (p <= 1)).all()):
+                raise BundleError(f"bundle {self.name!r}: {what} scores {p.tolist()}, not probabilities in [0, 1]")
+            gates[layer] = gate
+        return LayerGates(gates, spec.features)
 
     # -- disk -----------------------------------------------------------------------------
     def _gate_key(self, layer: int, name: str) -> str:

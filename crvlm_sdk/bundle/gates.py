@@ -60,11 +60,15 @@ class LayerGates:
         """
         gate = self.gates[layer]
         if len(self.gates) == 1:
-            return gate.score(h)
+            # a plugin's NaN counts as 0 (the row is answered, not steered) and values outside
+            # [0, 1] are clamped: tensor ops, no host sync in the forward pass
+            return torch.nan_to_num(_rows(gate, gate.score(h), h), nan=0.0).clamp(0.0, 1.0)
+        log_odds = torch.nan_to_num(_rows(gate, gate.log_odds(h), h), nan=-_LOG_ODDS_BOUND).clamp(
+            -_LOG_ODDS_BOUND, _LOG_ODDS_BOUND)
         if layer == self.layers[0]:
-            total.copy_(gate.log_odds(h))
+            total.copy_(log_odds)
         else:
-            total.add_(gate.log_odds(h))
+            total.add_(log_odds)
         return torch.sigmoid(total / len(self.gates)) if layer == self.last_layer else None
 
     def score(self, rows: Mapping[int, torch.Tensor]) -> torch.Tensor:
@@ -76,6 +80,19 @@ class LayerGates:
         for layer in self.layers:
             p = self.read(layer, rows[layer], total)
         return p
+
+#: log-odds are clamped to ±this (p within 1e-13 of 0 or 1) so one layer's inf cannot make NaN
+_LOG_ODDS_BOUND = 30.0
+
+
+def _rows(gate: Gate, out: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``out`` if it is one value per row of ``h`` (shapes only: no host sync), else a one-line error."""
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (h.shape[0],):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise CrvlmError(f"gate plugin {gate.name!r} returned {shape} for {h.shape[0]} rows; a gate returns "
+                         f"one value per row, shape ({h.shape[0]},)")
+    return out.float()
+
 
 def describe_layers(layers: Sequence[int]) -> str:
     """``layer 21`` or ``layers 21, 28`` (for logs and reports)."""

@@ -190,8 +190,7 @@ def verify(
         net, processor = load_model(model, gguf_file=gguf_file)
         backbone = adapter_for(net, processor, adapter)
     bundle = Bundle.load(path, adapter=backbone)
-    if backbone is not None:
-        bundle.gate()  # the gate's plugin must be installed too
+    bundle.gate()  # its plugin must be installed, and its tensors and settings give scores in [0, 1]
     if as_json:
         _print_json({"ok": True, "path": str(path), "bundle": bundle.name, "model": model})
         return
