@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import random
 import string
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,7 +82,11 @@ class Policy(BaseModel):
         if not path.is_file():
             raise PolicyError(f"policy file not found: {path}")
         try:
-            raw = yaml.safe_load(path.read_text())
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise PolicyError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+        except RecursionError:
+            raise PolicyError(f"{path}: nested too deeply to be a policy") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -152,7 +157,26 @@ class Policy(BaseModel):
                     hint="add examples, lower validation_fraction or give a validation file",
                 )
         test = read_jsonl(self.base_dir / self.test, labelled=True) if self.test else []
+        self._check_distinct(train_in + val_in, train_out + val_out, test)
         return PolicyData(train_in, train_out, val_in, val_out, test)
+
+    def _check_distinct(self, ins: list[Sample], outs: list[Sample], test: list[Sample]) -> None:
+        """Refuse data that contradicts itself or leaks: one example twice on a side, on both sides,
+        or in the test file as well as in training (each would count twice or teach nothing)."""
+        seen: dict[tuple[str, str | None], str] = {}
+        for rows, side in ((ins, "in-scope"), (outs, "out-of-scope"), (test, "test")):
+            here: set[tuple[str, str | None]] = set()
+            for sample in rows:
+                key = (" ".join(sample.question.lower().split()), str(sample.image) if sample.image else None)
+                shown = sample.question if sample.image is None else f"{sample.question} [{sample.image.name}]"
+                if key in here:
+                    raise PolicyError(f"{self.source}: the {side} data has {shown!r} twice",
+                                      hint="remove the duplicate (case and spacing are ignored)")
+                if key in seen:
+                    raise PolicyError(f"{self.source}: {shown!r} is in both the {seen[key]} and the {side} data",
+                                      hint="an example belongs to one side, and test questions must be new")
+                here.add(key)
+            seen.update(dict.fromkeys(here, side))
 
 
 @dataclass
@@ -180,6 +204,9 @@ def _row(obj: Any, where: str, base: Path, labelled: bool) -> Sample:
         if not isinstance(image, str):
             raise PolicyError(f"{where}: `image` must be a path string")
         image_path = base / image
+        if Path(image).is_absolute() or not image_path.resolve().is_relative_to(base.resolve()):
+            raise PolicyError(f"{where}: image {image!r} is outside the policy's folder {base}",
+                              hint="keep images beside the data file (a relative path without '..')")
         _check_image(image_path, where)
     answer = _answer(obj.get("answer"), where)
     meta: dict[str, Any] = {}
@@ -208,8 +235,13 @@ def _check_image(path: Path, where: str) -> None:
     if not path.is_file():
         raise PolicyError(f"{where}: image not found: {path}")
     try:
-        with Image.open(path) as img:
-            img.verify()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.verify()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise PolicyError(f"{where}: image {path} is too large ({exc})",
+                          hint="resize it; models read a few hundred pixels a side") from None
     except (UnidentifiedImageError, OSError) as exc:
         raise PolicyError(f"{where}: unreadable image {path}: {exc}") from None
 
@@ -219,15 +251,21 @@ def read_jsonl(path: Path, *, labelled: bool) -> list[Sample]:
     if not path.is_file():
         raise PolicyError(f"data file not found: {path}")
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for number, raw_line in enumerate(handle, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw_line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise PolicyError(f"{where}: not UTF-8 text (byte {exc.start} of the line)") from None
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise PolicyError(f"{where}: not valid JSON ({exc.msg}, column {exc.colno})") from None
+            except RecursionError:
+                raise PolicyError(f"{where}: nested too deeply to be a data row") from None
             rows.append(_row(obj, where, path.parent, labelled))
     if not rows:
         raise PolicyError(f"{path}: no rows (the file is empty)")

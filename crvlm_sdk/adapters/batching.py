@@ -9,6 +9,7 @@ is concatenated along the batch dimension.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,8 +38,12 @@ def load_image(image: ImageInput) -> Any:
         return image.convert("RGB")
     path = Path(image)
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                return img.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise CrvlmError(f"image {path} is too large ({exc})", hint="resize it first") from None
     except FileNotFoundError:
         raise CrvlmError(f"image not found: {path}", hint="paths in data files are relative to the file") from None
     except (UnidentifiedImageError, OSError) as exc:

@@ -9,6 +9,7 @@ crash leaves either the old bundle or the new one, never half of one.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,6 +37,9 @@ from crvlm_sdk.components import Gate
 from crvlm_sdk.errors import BundleError, CrvlmError
 from crvlm_sdk.files import BUNDLE, atomic_directory
 from crvlm_sdk.plugins.manager import PluginManager, get_plugin_manager
+
+#: a layer number as crvlm writes it in tensor names: ASCII digits, no leading zero
+_LAYER = re.compile(r"0|[1-9][0-9]*")
 
 #: the most a bundle may add to one activation (α × the largest vector entry): float16 ends at
 #: 65504, and a push far past the residual stream's own scale only makes NaN or noise
@@ -252,6 +256,10 @@ class Bundle:
         root = Path(path)
         if not root.is_dir():
             raise BundleError(f"bundle not found: {root} is not a directory")
+        for name in (MANIFEST, TENSORS):
+            if (root / name).is_symlink():
+                raise BundleError(f"{root / name} is a symbolic link; a bundle's files must be its own",
+                                  hint="copy the file into the bundle directory")
         manifest = read_manifest(root / MANIFEST)
         tensor_path = root / TENSORS
         if not tensor_path.is_file():
@@ -273,7 +281,9 @@ class Bundle:
         extra: dict[str, torch.Tensor] = {}
         for key, tensor in tensors.items():
             group, _, rest = key.partition(".")
-            if group == "vector" and rest.isdigit():
+            if group == "vector" and _LAYER.fullmatch(rest):
+                if int(rest) in vectors:
+                    raise BundleError(f"{tensor_path}: two tensors for `vector.{int(rest)}`")
                 vectors[int(rest)] = tensor.float()
             elif group == "gate" and rest and len(gate_layers) == 1:
                 gate_tensors[gate_layers[0]][rest] = tensor.float()
@@ -294,6 +304,9 @@ class Bundle:
         """Refuse a model the bundle was not built for, naming every differing field."""
         found = adapter.fingerprint()
         diffs = self.manifest.backbone.differences(found)
+        if self.manifest.adapter and self.manifest.adapter != adapter.name:
+            diffs.append(f"adapter: bundle was built through {self.manifest.adapter!r}, the model is read through "
+                         f"{adapter.name!r} (pass --adapter {self.manifest.adapter})")
         if not check_fingerprint:
             # Shapes must still agree or steering would fail or silently broadcast.
             diffs = [d for d in diffs if d.split(":")[0] in ("hidden_size", "num_layers")]

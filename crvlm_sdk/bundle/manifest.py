@@ -209,6 +209,8 @@ def read_manifest(path: Path) -> Manifest:
         raise BundleError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
     except UnicodeDecodeError:
         raise BundleError(f"{path}: not UTF-8 text") from None
+    except RecursionError:
+        raise BundleError(f"{path}: nested too deeply to be a crvlm manifest") from None
     if not isinstance(raw, dict):
         raise BundleError(f"{path}: expected a JSON object, found {type(raw).__name__}")
     version = str(raw.get("format_version", ""))

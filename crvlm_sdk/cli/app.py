@@ -214,6 +214,17 @@ DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16")]
 AdapterOpt = Annotated[str | None, typer.Option(help="force a backbone adapter by name")]
 
 
+def _layer_list(value: str, option: str) -> list[int]:
+    """``6`` or ``6,7,8`` from a CLI string, or one error line."""
+    try:
+        layers = [int(x) for x in value.split(",")]
+    except ValueError:
+        raise CrvlmError(f"{option} takes layer numbers separated by commas, got {value!r}") from None
+    if any(layer < 0 for layer in layers):
+        raise CrvlmError(f"{option} takes layer numbers >= 0, got {value!r}")
+    return layers
+
+
 def _auto_int(value: str | None, option: str, *, none_word: str, minimum: int) -> int | str | None:
     """``auto`` (or absent), ``none_word`` (None) or an integer >= ``minimum`` from a CLI string."""
     if value is None or value == "auto":
@@ -288,7 +299,7 @@ def build_bundle_cmd(
     extractor_options = {k: v for k, v in {"contrast": contrast, "read": read}.items() if v is not None}
     locator_options: dict[str, Any] = {}
     if locator == "fixed":
-        locator_options = {"band": [int(x) for x in band.split(",")] if band else None, "strength": strength}
+        locator_options = {"band": _layer_list(band, "--band") if band else None, "strength": strength}
     else:
         locator_options = {"time_budget": time_budget}
     options = BuildOptions(

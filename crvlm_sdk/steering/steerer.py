@@ -255,6 +255,11 @@ class Steerer:
         """
         if isinstance(questions, str):
             questions = [questions]
+        new_tokens = generate_kwargs.get("max_new_tokens", 64)
+        if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 1:
+            raise CrvlmError(f"max_new_tokens must be an integer >= 1, got {new_tokens!r}")
+        if not questions:
+            return Generation([], None, [])
         batch = self.adapter.build_prompts(questions, images, system=system)
         batch = batch.to(model_input_device(self.model), model_float_dtype(self.model))
         first = _FirstLogits()
@@ -284,6 +289,8 @@ class Steerer:
         """``{bundle name: (N,) float32}`` gate probabilities on the unsteered model."""
         if isinstance(questions, str):
             questions = [questions]
+        if not questions:
+            return {item.name: torch.zeros(0) for item in self._loaded}
         image_rows = list(images) if images is not None else [None] * len(questions)
         samples = [Sample(q, img) for q, img in zip(questions, image_rows, strict=True)]
         out: dict[str, torch.Tensor] = {}
