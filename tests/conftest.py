@@ -11,10 +11,17 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import settings
 
 from crvlm_sdk import Bundle, Steerer, adapter_for, load_model, testing
 from crvlm_sdk.models.loading import find_smollm2_gguf
 from crvlm_sdk.testing import random_bundle
+
+# Fuzz profiles (tests/test_fuzz.py): the default keeps the suite fast; `--hypothesis-profile=long`
+# runs 10,000 cases per target (hypothesis' pytest plugin loads the profile named on the command line,
+# "default" otherwise). No example database: CI starts clean anyway.
+settings.register_profile("default", max_examples=40, database=None)
+settings.register_profile("long", max_examples=10_000, database=None)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
