@@ -8,11 +8,13 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import make_bundle
 
+from crvlm_sdk import Bundle
 from crvlm_sdk.errors import CrvlmError
 from crvlm_sdk.evaluation.report import write_report
-from crvlm_sdk.files import BUNDLE, REPORT, atomic_directory
+from crvlm_sdk.files import BUNDLE, REPORT, atomic_directory, recover_interrupted
 
 
 def _dead_pid() -> int:
@@ -116,3 +118,64 @@ def test_a_report_is_replaced_only_when_asked_and_whole(tmp_path):
     with pytest.raises(CrvlmError, match="is not a report"):
         write_report(_report(), tmp_path, overwrite=True)
     assert REPORT.owns("rates.png") and not REPORT.owns("data.jsonl")
+
+
+_SAVER = """
+import sys, time
+from crvlm_sdk import Bundle
+from crvlm_sdk.evaluation.report import write_report
+import json
+kind, source, target = sys.argv[1:4]
+if kind == "bundle":
+    bundle = Bundle.load(source)
+    print("ready", flush=True)
+    while True:
+        bundle.save(target, overwrite=True)
+else:
+    report = json.loads(open(source).read())
+    print("ready", flush=True)
+    while True:
+        write_report(report, __import__("pathlib").Path(target), overwrite=True)
+"""
+
+
+@pytest.mark.parametrize("kind", ["bundle", "report"])
+def test_kill_9_at_random_points_leaves_a_complete_artifact_and_no_debris(bundle, tmp_path, kind):
+    """A writer killed outright leaves the old or the new complete artifact at the path (a
+    previous version stranded between the two renames comes back on the next read or write),
+    and the next write removes every temporary it left."""
+    import json
+    import random
+    import time
+
+    target = tmp_path / "out"
+    if kind == "bundle":
+        big = bundle.replaced()
+        big.extra_tensors = {"pad": torch.zeros(4_000_000)}  # 16 MB: writes long enough to be cut
+        source = big.save(tmp_path / "src")
+        big.save(target)
+    else:
+        source = tmp_path / "report.json"
+        source.write_text(json.dumps(_report()))
+        write_report(_report(), target)
+    script = tmp_path / "saver.py"
+    script.write_text(_SAVER)
+    rng = random.Random(0)
+    for _ in range(12):
+        proc = subprocess.Popen([sys.executable, str(script), kind, str(source), str(target)],
+                                stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(0.0, 0.4))
+        proc.kill()
+        proc.wait()
+        if kind == "bundle":
+            assert Bundle.load(target).extra_tensors["pad"].numel() == 4_000_000
+        else:
+            recover_interrupted(target)
+            assert json.loads((target / "report.json").read_text())["settings"]["policy"] == "p"
+            assert {p.name for p in target.iterdir()} >= {"report.json", "report.md", "rates.png"}
+    if kind == "bundle":
+        Bundle.load(source).save(target, overwrite=True)
+    else:
+        write_report(_report(), target, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

@@ -35,7 +35,7 @@ from crvlm_sdk.bundle.manifest import (
 )
 from crvlm_sdk.components import Gate
 from crvlm_sdk.errors import BundleError, CrvlmError
-from crvlm_sdk.files import BUNDLE, atomic_directory
+from crvlm_sdk.files import BUNDLE, atomic_directory, recover_interrupted
 from crvlm_sdk.plugins.manager import PluginManager, get_plugin_manager
 
 #: a layer number as crvlm writes it in tensor names: ASCII digits, no leading zero
@@ -254,6 +254,8 @@ class Bundle:
     ) -> Bundle:
         """Read and validate a bundle; with ``adapter``, also check it fits that model."""
         root = Path(path)
+        if not root.is_dir():
+            recover_interrupted(root)  # a writer killed between its two renames left it aside
         if not root.is_dir():
             raise BundleError(f"bundle not found: {root} is not a directory")
         for name in (MANIFEST, TENSORS):
