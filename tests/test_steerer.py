@@ -363,3 +363,40 @@ def test_alpha_scale_scales_steering_without_touching_the_manifest(tiny_llama):
         steerer_for(adapter, bundle.replaced(alpha=6.0)).generate(QUESTIONS[:2], max_new_tokens=3)
     with pytest.raises(CrvlmError, match="alpha_scale must be a finite number >= 0"), steerer.apply(alpha_scale=-1):
         pass
+
+
+def test_another_threads_forward_is_refused_not_steered_while_apply_runs(tiny_llama):
+    """The hooks are the model's: another thread's plain forward used to be steered silently."""
+    import threading
+
+    model, _, adapter = tiny_llama
+    steerer = steerer_for(adapter, make_bundle(adapter, layers=(1, 2), gate_layer=0, alpha=3.0))
+    batch = _batch(adapter)
+    with torch.no_grad():
+        plain = model(**batch.inputs).logits
+    caught: list[BaseException] = []
+
+    def other() -> None:
+        try:
+            with torch.no_grad():
+                model(**batch.inputs)
+        except BaseException as exc:
+            caught.append(exc)
+
+    with steerer.apply():
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+    assert len(caught) == 1 and isinstance(caught[0], CrvlmError) and "another thread" in str(caught[0])
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch.inputs).logits, plain)  # after the block: unsteered
+
+
+def test_generate_without_steering_inside_apply_is_unsteered(tiny_llama):
+    _, _, adapter = tiny_llama
+    steerer = steerer_for(adapter, make_bundle(adapter, layers=(1, 2), gate_layer=0, alpha=6.0))
+    plain = steerer.generate(QUESTIONS, steer=False, max_new_tokens=6)
+    with steerer.apply():
+        inside = steerer.generate(QUESTIONS, steer=False, max_new_tokens=6)
+    assert inside == plain
+    assert steerer.generate(QUESTIONS, max_new_tokens=6) != plain, "the bundle must change something"

@@ -33,6 +33,7 @@ hook layout through one compiled ``generate``).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,6 +96,8 @@ class PassState:
     alpha_scale: float = 1.0  # multiplies every bundle's α inside the current apply() block
     #: (B, S) weights averaging each row's question (gates with ``last+question`` features)
     question: torch.Tensor | None = None
+    #: the thread inside ``apply()``: forward calls from other threads are refused meanwhile
+    owner: int | None = None
 
 
 #: (input_ids, attention_mask, last_index) -> (B, S) weights over each row's question tokens
@@ -172,6 +175,8 @@ class SteeringRuntime:
         stop_here = layer == self._prepass_stop
 
         def hook(module: torch.nn.Module, args: tuple, output: Any) -> Any:
+            if not state.active:
+                return None  # paused (an unsteered call inside apply())
             if state.in_prepass:
                 if pre:
                     self._read_gates(pre, layer, layer_hidden(output))
@@ -211,6 +216,10 @@ class SteeringRuntime:
         state = self.state
         if state.in_prepass or not state.active:
             return None
+        if state.owner is not None and not torch.compiler.is_compiling() and threading.get_ident() != state.owner:
+            raise CrvlmError("this model is being steered by another thread (inside Steerer.apply()); a steered "
+                             "model belongs to that thread until its block ends",
+                             hint="give each thread its own model, or run this call after the block")
         hidden = kwargs.get("input_ids", args[0] if args else None)
         if hidden is None:
             hidden = kwargs.get("inputs_embeds")

@@ -3,6 +3,7 @@ steering; the hook machinery is in :mod:`crvlm_sdk.steering.runtime`)."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -135,6 +136,10 @@ class Steerer:
     ) -> Iterator[Steerer]:
         """Steer every forward/generate call on the model inside the block.
 
+        The hooks are the model's, so while the block runs the model belongs to the thread that
+        entered it: a forward call from another thread raises :class:`CrvlmError` instead of
+        being steered by mistake. ``Steerer.generate(steer=False)`` inside the block runs unsteered.
+
         ``bundles`` limits which bundles apply to all rows; ``rows`` gives, per batch row, the
         names of the bundles that apply to that row (multi-tenant batches). ``response``
         overrides every bundle's response settings for the block: a :class:`ResponseSpec`,
@@ -171,9 +176,11 @@ class Steerer:
             with hooks_installed(specs):
                 self.model.generate = generate
                 self._state.active = True
+                self._state.owner = threading.get_ident()
                 yield self
         finally:
             self._state.active = False
+            self._state.owner = None
             self._state.in_generate = False
             self._state.selection = None
             self._state.alpha_scale = 1.0
@@ -182,6 +189,16 @@ class Steerer:
             else:
                 self.model.generate = original_generate
             delattr(self.model, _ACTIVE_ATTR)
+
+    @contextmanager
+    def _paused(self) -> Iterator[None]:
+        """No steering for the block, even inside this Steerer's ``apply()`` (hooks stay installed)."""
+        was = self._state.active
+        self._state.active = False
+        try:
+            yield
+        finally:
+            self._state.active = was
 
     def _shaper(self, eos_override: Any) -> ResponseShaper | None:
         """The logits processor that shapes refused rows in this ``generate`` call, if any bundle asks."""
@@ -271,7 +288,8 @@ class Steerer:
                 with self.apply(rows=rows, bundles=bundles, response=response, alpha_scale=alpha_scale):
                     out = self.model.generate(**batch.inputs, **kwargs)
             else:
-                out = self.model.generate(**batch.inputs, **kwargs)
+                with self._paused():
+                    out = type(self.model).generate(self.model, **batch.inputs, **kwargs)
         new_tokens = out[:, batch.seq_len :].tolist()
         texts = [self.adapter.decode(row).strip() for row in new_tokens]
         stops = _eos_ids(self.model, kwargs.get("eos_token_id"))
