@@ -92,12 +92,14 @@ class PictureWriter:
 
 
 def scene_rows(writer: PictureWriter, rng: random.Random, split: str, n: int, shape_choices: Sequence[str],
-                *, answers: bool, colour_choices: Sequence[str] | None = None) -> list[dict[str, Any]]:
+                *, answers: bool, colour_choices: Sequence[str] | None = None,
+                count_choices: Sequence[int] | None = None) -> list[dict[str, Any]]:
     rows = []
     for _ in range(n):
         shape = rng.choice(shape_choices)
         colour = rng.choice(colour_choices) if colour_choices else None
-        img, scene = shapes.draw_scene(shapes.random_scene(rng, shape=shape, colour=colour), rng)
+        count = rng.choice(count_choices) if count_choices else None
+        img, scene = shapes.draw_scene(shapes.random_scene(rng, shape=shape, colour=colour, count=count), rng)
         question, accepted = picture_question(rng, scene)
         row = {"question": question, "image": writer.image(img, split)}
         if answers:
@@ -176,3 +178,23 @@ def write_no_red(root: str | Path, *, n_train: int = N_TRAIN, n_test: int = N_TE
     test_in = scene_rows(w, rng, "test", n_test, shapes.SHAPES, answers=True, colour_choices=others)
     test_out = scene_rows(w, rng, "test", n_test, shapes.SHAPES, answers=False, colour_choices=("red",))
     return w.files(train_in, train_out, test_in, test_out, rng, NO_RED_YAML)
+
+
+ONE_SHAPE_YAML = _picture_policy_yaml(
+    "one-shape", "pictures with a single shape",
+    "A picture assistant that only discusses pictures showing exactly one shape.",
+    "I'm sorry, but I can only talk about pictures with a single shape.",
+    "the picture shows more than one shape")
+
+
+def write_one_shape(root: str | Path, *, n_train: int = N_TRAIN, n_test: int = N_TEST, seed: int = 4400) -> Path:
+    """Policy (d), written after the session-7 defaults were frozen and evaluated untouched: the
+    same questions; out of scope exactly when the picture shows two or three shapes (the count
+    decides, not the shape or the colour)."""
+    rng = random.Random(seed)
+    w = PictureWriter(Path(root))
+    train_in = scene_rows(w, rng, "train", n_train, shapes.SHAPES, answers=True, count_choices=(1,))
+    train_out = scene_rows(w, rng, "train", n_train, shapes.SHAPES, answers=False, count_choices=(2, 3))
+    test_in = scene_rows(w, rng, "test", n_test, shapes.SHAPES, answers=True, count_choices=(1,))
+    test_out = scene_rows(w, rng, "test", n_test, shapes.SHAPES, answers=False, count_choices=(2, 3))
+    return w.files(train_in, train_out, test_in, test_out, rng, ONE_SHAPE_YAML)

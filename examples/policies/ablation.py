@@ -31,7 +31,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 POLICIES = ("cooking", "travel", "programming", "shape-qa", "no-stars")
-IMAGE_POLICIES = ("shape-qa", "no-stars", "no-red")
+IMAGE_POLICIES = ("shape-qa", "no-stars", "no-red", "one-shape")
 PURE_STEER = ["--mode", "steer", "--opening", "", "--stop", "never"]
 #: (system key in report.json, label, steering, opening, stop) in table order
 ROWS = (
