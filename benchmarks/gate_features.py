@@ -23,20 +23,18 @@ chosen from them are tuned on these test sets and must be confirmed on a policy 
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from gate_study import rates  # benchmarks/ is the script's directory, so on sys.path
+from gate_variants import run_table
 
-from crvlm_sdk import get_plugin_manager, load_model
+from crvlm_sdk import get_plugin_manager
 from crvlm_sdk.activations.capture import GATE_POSITION, capture
 from crvlm_sdk.adapters.base import BackboneAdapter
 from crvlm_sdk.build.gate import fit_gate, gate_layers
 from crvlm_sdk.build.options import BuildOptions
-from crvlm_sdk.plugins.adapters import adapter_for
 from crvlm_sdk.policy import Policy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,28 +74,8 @@ def study(policy_path: Path, adapter: BackboneAdapter) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--policies", default="personal-finance,cooking,travel,programming,gardening")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gate_features.json")
-    args = parser.parse_args()
-    model, tokenizer = load_model("smollm2")
-    adapter = adapter_for(model, tokenizer)
-    results: list[dict[str, Any]] = []
-    lines = ["| policy | gate | layers | val caught | val flagged | test caught | test flagged (of in-scope) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for name in args.policies.split(","):
-        r = study(ROOT / "examples" / "policies" / name / "policy.yaml", adapter)
-        results.append(r)
-        for variant in VARIANTS:
-            v = r[variant]
-            shown = v["layers"] if len(v["layers"]) < 8 else f"{len(v['layers'])} layers"
-            flagged = round(v["test"][1] * r["n_test_in"])
-            lines.append(f"| {name} | {variant} | {shown} | {v['val'][0]:.3f} | {v['val'][1]:.3f} | "
-                         f"{v['test'][0]:.3f} | {v['test'][1]:.3f} ({flagged}/{r['n_test_in']}) |")
-        print("\n".join(lines[-len(VARIANTS):]), flush=True)
-        args.out.parent.mkdir(parents=True, exist_ok=True)  # after each policy: a long run keeps what it has
-        args.out.write_text(json.dumps(results, indent=1) + "\n")
-        args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    run_table(__doc__.splitlines()[0], study, VARIANTS, "personal-finance,cooking,travel,programming,gardening",
+              ROOT / "benchmarks" / "results" / "gate_features.json")
 
 
 if __name__ == "__main__":

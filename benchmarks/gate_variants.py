@@ -81,27 +81,36 @@ def study(policy_path: Path, adapter: Any) -> dict[str, Any]:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--policies", default="cooking,travel,programming,gardening,personal-finance")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gate_variants.json")
+def run_table(description: str, study_fn: Any, variants: Any, default_policies: str, default_out: Path) -> None:
+    """The command line both gate scripts share: study each policy, print and save a table of
+    every variant's validation and test rates (rewritten after each policy, so a long run keeps
+    what it has)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--policies", default=default_policies)
+    parser.add_argument("--out", type=Path, default=default_out)
     args = parser.parse_args()
     model, tokenizer = load_model("smollm2")
     adapter = adapter_for(model, tokenizer)
     results, lines = [], ["| policy | variant | layers | val caught | val flagged | test caught | test flagged |",
                           "| --- | --- | --- | --- | --- | --- | --- |"]
     for name in args.policies.split(","):
-        r = study(ROOT / "examples" / "policies" / name / "policy.yaml", adapter)
+        r = study_fn(ROOT / "examples" / "policies" / name / "policy.yaml", adapter)
         results.append(r)
-        for variant in VARIANTS:
+        for variant in variants:
             v = r[variant]
             shown = v["layers"] if len(v["layers"]) < 8 else f"{len(v['layers'])} layers"
+            flagged = round(v["test"][1] * r["n_test_in"])
             lines.append(f"| {name} | {variant} | {shown} | {v['val'][0]:.3f} | {v['val'][1]:.3f} | "
-                         f"{v['test'][0]:.3f} | {v['test'][1]:.3f} |")
-        print("\n".join(lines[-len(VARIANTS):]), flush=True)
-        args.out.parent.mkdir(parents=True, exist_ok=True)  # after each policy: a long run keeps what it has
+                         f"{v['test'][0]:.3f} | {v['test'][1]:.3f} ({flagged}/{r['n_test_in']}) |")
+        print("\n".join(lines[-len(variants):]), flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1) + "\n")
         args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    run_table(__doc__.splitlines()[0], study, VARIANTS, "cooking,travel,programming,gardening,personal-finance",
+              ROOT / "benchmarks" / "results" / "gate_variants.json")
 
 
 if __name__ == "__main__":

@@ -189,3 +189,22 @@ def write_manifest(bundle_dir: Path, raw: dict, *, reseal: bool = True) -> None:
     if reseal and "manifest_sha256" in raw:
         raw["manifest_sha256"] = manifest_digest(raw)
     (bundle_dir / "manifest.json").write_text(json.dumps(raw))
+
+
+#: prompts of different lengths for Steerer tests (one very short, one long)
+STEER_QUESTIONS = [
+    "What is the capital of France?",
+    "How do I bake bread at home without a bread machine or any special tools?",
+    "Hi",
+    "Name three colours.",
+]
+
+
+def row_images(adapter, n: int):
+    """One small picture per row for image models (a mixed batch: row 2 has none); None for text."""
+    if not adapter.supports_images:
+        return None
+    from PIL import Image
+
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (200, 200, 0)]
+    return [Image.new("RGB", (48, 40), colours[i % 4]) if i != 2 else None for i in range(n)]

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import steerer_for
+from conftest import STEER_QUESTIONS, row_images, steerer_for
 
 from crvlm_sdk import CrvlmError, get_plugin_manager
 from crvlm_sdk.activations.capture import capture, question_weights
@@ -19,20 +19,8 @@ from crvlm_sdk.bundle.gates import LayerGates
 from crvlm_sdk.policy import Policy
 from crvlm_sdk.types import Sample
 
-QUESTIONS = [
-    "What is the capital of France?",
-    "How do I bake bread at home without a bread machine or any special tools?",
-    "Hi",
-    "Name three colours.",
-]
-
-
-def _images(adapter, n: int):
-    if not adapter.supports_images:
-        return None
-    from PIL import Image
-
-    return [Image.new("RGB", (48, 40), (40 * i, 200, 0)) if i != 2 else None for i in range(n)]
+QUESTIONS = STEER_QUESTIONS
+_images = row_images
 
 
 def _span_text(adapter, batch, weights, row: int) -> str:

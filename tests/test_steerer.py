@@ -4,29 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_bundle, steerer_for
+from conftest import STEER_QUESTIONS, make_bundle, row_images, steerer_for
 
 from crvlm_sdk import CrvlmError, Steerer
 from crvlm_sdk.activations import hooks as hooks_module
 from crvlm_sdk.activations.hooks import layer_hidden
 from crvlm_sdk.types import PromptBatch
 
-QUESTIONS = [
-    "What is the capital of France?",
-    "How do I bake bread at home without a bread machine or any special tools?",
-    "Hi",
-    "Name three colours.",
-]
-
-
-def _images(adapter, n: int):
-    if not adapter.supports_images:
-        return None
-    from PIL import Image
-
-    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (200, 200, 0)]
-    # mixed batch: one row without an image
-    return [Image.new("RGB", (48, 40), colours[i % 4]) if i != 2 else None for i in range(n)]
+QUESTIONS = STEER_QUESTIONS
+_images = row_images
 
 
 def _batch(adapter, questions=QUESTIONS) -> PromptBatch:
