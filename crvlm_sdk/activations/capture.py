@@ -105,7 +105,7 @@ def position_weights(batch: PromptBatch, position: Position, adapter: BackboneAd
             raise CrvlmError("position 'last_and_question' needs the adapter (its chat template's user opening)")
         question = question_weights(batch.inputs["input_ids"], batch.inputs.get("attention_mask"),
                                     batch.last_prompt_index, adapter.question_opener(), adapter.image_token_ids())
-        return torch.stack([last, question], dim=1)
+        return torch.stack([last, question.cpu()], dim=1)  # weights live on the CPU, like the others
     start, end = batch.prefix_start.cpu().unsqueeze(1), batch.prefix_end.cpu().unsqueeze(1)
     if bool((end <= start).any()):
         raise CrvlmError(f"position {position!r} needs a forced prefix, but the prompts have none")
