@@ -118,6 +118,14 @@ def position_weights(batch: PromptBatch, position: Position, adapter: BackboneAd
                      "last_and_question")
 
 
+def read_weighted(weights: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``(B, K·H)`` float32: ``h`` (``(B, S, H)``) averaged under each of ``weights``' rows
+    (``(B, S)`` or ``(B, K, S)``), K reads side by side. Capture and the Steerer's gate share it."""
+    w = weights.to(device=h.device)
+    w = w.unsqueeze(1) if w.dim() == 2 else w
+    return torch.bmm(w, h.float()).flatten(1)
+
+
 def model_input_device(model: torch.nn.Module) -> torch.device:
     return model.get_input_embeddings().weight.device
 
@@ -188,8 +196,8 @@ def _split_prompt(batch: PromptBatch, seq_keys: Sequence[str], stop_ids: set[int
                   weights: torch.Tensor | None = None) -> _PromptSplit | None:
     """Cut ``batch`` after its rows' common leading tokens, or None where that does not pay or fit.
 
-    None when: no attention mask or not left-padded; fewer than ``MIN_SHARED_PREFIX`` shared
-    tokens; or a read position (non-zero ``weights``) falls inside the shared part.
+    None when: no attention mask or not left-padded; or fewer than ``MIN_SHARED_PREFIX`` shared
+    tokens before the first read position (non-zero ``weights``).
     """
     ids, mask = batch.inputs["input_ids"], batch.inputs.get("attention_mask")
     if mask is None:
@@ -211,15 +219,13 @@ def _split_prompt(batch: PromptBatch, seq_keys: Sequence[str], stop_ids: set[int
         return None
     if weights is not None:
         # a read inside the shared part (a span that starts right after the user-turn opening)
-        # ends the shared part there
+        # ends the shared part there, so every read falls in the per-row rest
         read = (weights.ne(0) if weights.dim() == 2 else weights.ne(0).any(1)).to(pads.device)
         first_read = torch.where(read.any(1), read.long().argmax(1), torch.full_like(pads, width))
         length = min(length, int((first_read - pads).min()))
         if length < MIN_SHARED_PREFIX:
             return None
     cut = int(pads.min()) + length  # the first column that is not shared in every row
-    if weights is not None and bool(weights[..., :cut].ne(0).any()):
-        return None
     start = int(pads[0])
     prefix = {key: batch.inputs[key][:1, start : start + length] for key in seq_keys
               if key in batch.inputs and key != "attention_mask"}
@@ -272,10 +278,7 @@ class _LayerReader:
         def hook(module: torch.nn.Module, args: tuple, output: object) -> None:
             stats, w = self._into, self._weights
             if stats is not None and w is not None:
-                h = layer_hidden(output)
-                w3 = w.to(device=h.device)
-                w3 = w3.unsqueeze(1) if w3.dim() == 2 else w3
-                read = torch.bmm(w3, h.float()).flatten(1)  # (B, K·H): K positions side by side
+                read = read_weighted(w, layer_hidden(output))
                 read64 = read.double().cpu()
                 if layer not in stats.sums:
                     stats.sums[layer] = torch.zeros(read.shape[1], dtype=torch.float64)

@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from crvlm_sdk.activations.capture import read_weighted
 from crvlm_sdk.activations.hooks import (
     HookSpec,
     StopForward,
@@ -203,8 +204,8 @@ class SteeringRuntime:
             features = rows
             if item.gate.features == "last+question":
                 if with_question is None:  # what capture reads at position "last_and_question"
-                    weights = self.state.question.to(h.device).unsqueeze(1)  # type: ignore[union-attr]
-                    with_question = torch.cat([rows.float(), torch.bmm(weights, h.float()).squeeze(1)], dim=1)
+                    question = read_weighted(self.state.question, h)  # type: ignore[arg-type]
+                    with_question = torch.cat([rows.float(), question], dim=1)
                 features = with_question
             p = item.gate.read(layer, features.to(item.gate_device), item.log_odds)
             if p is None:
