@@ -225,10 +225,9 @@ class Bundle:
         card. An existing directory is replaced only with ``overwrite`` and only if it is a bundle."""
         self.check("<bundle being saved>")
         target = Path(path)
-        BUNDLE.check_replaceable(target, overwrite=overwrite)
-        blob = save_safetensors(self._tensor_dict(), metadata={"format": "crvlm-bundle"})
-        self.manifest.tensors_sha256 = hashlib.sha256(blob).hexdigest()
-        with atomic_directory(target, BUNDLE, overwrite=overwrite) as tmp:
+        with atomic_directory(target, BUNDLE, overwrite=overwrite) as tmp:  # refuses a target it may not replace
+            blob = save_safetensors(self._tensor_dict(), metadata={"format": "crvlm-bundle"})
+            self.manifest.tensors_sha256 = hashlib.sha256(blob).hexdigest()
             (tmp / TENSORS).write_bytes(blob)
             (tmp / MANIFEST).write_text(self.manifest.to_json())
             (tmp / MODEL_CARD).write_text(model_card(self.manifest, target.name))

@@ -174,13 +174,12 @@ class Manifest(BaseModel):
     tensors_sha256: str = ""
     #: sha256 of this manifest's other fields (:func:`manifest_digest`): any edit is detected
     manifest_sha256: str = ""
+    created: str = Field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
 
     def to_json(self) -> str:
         """The manifest as written to disk, with ``manifest_sha256`` set to cover it."""
-        raw = json.loads(self.model_dump_json())
-        self.manifest_sha256 = manifest_digest(raw)
+        self.manifest_sha256 = manifest_digest(json.loads(self.model_dump_json()))
         return self.model_dump_json(indent=2) + "\n"
-    created: str = Field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
 
     @property
     def needs_prepass(self) -> bool:
