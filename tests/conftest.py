@@ -208,3 +208,18 @@ def row_images(adapter, n: int):
 
     colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (200, 200, 0)]
     return [Image.new("RGB", (48, 40), colours[i % 4]) if i != 2 else None for i in range(n)]
+
+
+def write_tensors(bundle_dir: Path, **tensors: torch.Tensor) -> None:
+    """Rewrite a bundle's tensor file with ``tensors`` added or replaced, resealing both digests
+    (as a forger would), so the checks behind the digests are what a test reaches."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    current = load_file(str(bundle_dir / "tensors.safetensors"))
+    current.update(tensors)
+    save_file(current, str(bundle_dir / "tensors.safetensors"), metadata={"format": "crvlm-bundle"})
+    raw = json.loads((bundle_dir / "manifest.json").read_text())
+    raw["tensors_sha256"] = hashlib.sha256((bundle_dir / "tensors.safetensors").read_bytes()).hexdigest()
+    write_manifest(bundle_dir, raw)

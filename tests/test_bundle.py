@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 
 import pytest
 import torch
-from conftest import make_bundle, write_manifest
+from conftest import make_bundle, write_manifest, write_tensors
 
 from crvlm_plugins.gates import AlwaysGate
 from crvlm_sdk import Bundle, BundleError, BundleWarning, CrvlmError, adapter_for, hookimpl, load_model
@@ -339,28 +338,16 @@ def test_bad_gate_settings_are_refused_with_exit_3(saved, key, value, message):
         Bundle.load(path).gate()
 
 
-def _retensor(path, **replace_tensors):
-    """Rewrite the tensor file with some tensors replaced, resealing both digests."""
-    from safetensors.torch import load_file, save_file
-
-    tensors = load_file(str(path / TENSORS))
-    tensors.update(replace_tensors)
-    save_file(tensors, str(path / TENSORS), metadata={"format": "crvlm-bundle"})
-    raw = _raw(path)
-    raw["tensors_sha256"] = hashlib.sha256((path / TENSORS).read_bytes()).hexdigest()
-    write_manifest(path, raw)
-
-
 def test_an_all_zero_gate_std_is_refused(saved):
     _, path, adapter = saved
-    _retensor(path, **{"gate.std": torch.zeros(adapter.hidden_size)})
+    write_tensors(path, **{"gate.std": torch.zeros(adapter.hidden_size)})
     with pytest.raises(BundleError, match="`std` has entries <= 0"):
         Bundle.load(path).gate()
 
 
 def test_a_wrong_shaped_gate_weight_is_refused_before_any_forward(saved):
     _, path, adapter = saved
-    _retensor(path, **{"gate.weight": torch.zeros(adapter.hidden_size + 3)})
+    write_tensors(path, **{"gate.weight": torch.zeros(adapter.hidden_size + 3)})
     with pytest.raises(BundleError, match=r"probe gate tensors have shapes weight \(35,\)"):
         Bundle.load(path).gate()
 
@@ -369,7 +356,7 @@ def test_a_wrong_shaped_gate_weight_is_refused_before_any_forward(saved):
 def test_absurd_steering_is_refused_at_load(saved, case):
     _, path, adapter = saved
     if case == "huge vector":
-        _retensor(path, **{"vector.1": torch.full((adapter.hidden_size,), 3e38)})
+        write_tensors(path, **{"vector.1": torch.full((adapter.hidden_size,), 3e38)})
     else:
         raw = _raw(path)
         raw["alpha"] = 1e30

@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from conftest import make_bundle, write_manifest
+from conftest import make_bundle, write_manifest, write_tensors
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -91,24 +91,11 @@ def saved(tiny_llama, tmp_path):
     return make_bundle(tiny_llama[2], layers=(1, 2)).save(tmp_path / "bundle")
 
 
-def _retensor(path, tensors):
-    import hashlib
-
-    from safetensors.torch import save_file
-
-    save_file(tensors, str(path / TENSORS), metadata={"format": "crvlm-bundle"})
-    raw = json.loads((path / MANIFEST).read_text())
-    raw["tensors_sha256"] = hashlib.sha256((path / TENSORS).read_bytes()).hexdigest()
-    write_manifest(path, raw)
-
-
 @pytest.mark.parametrize("name", ["vector.²", "vector.01"])
 def test_tensor_names_crvlm_does_not_write_are_refused(saved, name):
     from safetensors.torch import load_file
 
-    tensors = load_file(str(saved / TENSORS))
-    tensors[name] = tensors["vector.1"].clone()
-    _retensor(saved, tensors)
+    write_tensors(saved, **{name: load_file(str(saved / TENSORS))["vector.1"].clone()})
     with pytest.raises(BundleError, match=f"unexpected tensor name '{name}'"):
         Bundle.load(saved)
 
