@@ -40,7 +40,7 @@ VARIANTS = {"build": (1e-2, 0.02, "tied"), "l2=0.1": (1e-1, 0.02, "tied"), "l2=1
             "all-layers": (1e-2, 0.02, "all"), "target=1%": (1e-2, 0.01, "tied")}
 
 
-def study(policy_path: Path, adapter: Any) -> dict[str, Any]:
+def study(policy_path: Path, adapter: Any, variants: dict[str, Any]) -> dict[str, Any]:
     pol = Policy.load(policy_path)
     data = pol.load_data()
     opts = BuildOptions()
@@ -56,7 +56,7 @@ def study(policy_path: Path, adapter: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"policy": pol.name, "n_test_in": int(test_scope.sum()),
                            "n_test_out": int((~test_scope).sum())}
     fitted: dict[tuple[float, float], dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
-    for name, (l2, target, rule) in VARIANTS.items():
+    for name, (l2, target, rule) in variants.items():
         per_layer = fitted.setdefault((l2, target), {})
         for layer in layers:
             if layer in per_layer:
@@ -88,13 +88,19 @@ def run_table(description: str, study_fn: Any, variants: Any, default_policies: 
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--policies", default=default_policies)
     parser.add_argument("--out", type=Path, default=default_out)
+    parser.add_argument("--variants", default="", help="variant names separated by semicolons (default: all)")
     args = parser.parse_args()
+    wanted = args.variants.split(";") if args.variants else list(variants)
+    unknown = sorted(set(wanted) - set(variants))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; known: {list(variants)}")
+    variants = {name: variants[name] for name in wanted}
     model, tokenizer = load_model("smollm2")
     adapter = adapter_for(model, tokenizer)
     results, lines = [], ["| policy | variant | layers | val caught | val flagged | test caught | test flagged |",
                           "| --- | --- | --- | --- | --- | --- | --- |"]
     for name in args.policies.split(","):
-        r = study_fn(ROOT / "examples" / "policies" / name / "policy.yaml", adapter)
+        r = study_fn(ROOT / "examples" / "policies" / name / "policy.yaml", adapter, variants)
         results.append(r)
         for variant in variants:
             v = r[variant]
