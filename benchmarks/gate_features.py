@@ -44,17 +44,7 @@ VARIANTS = {
     "last, out-of-fold": ("last", "out-of-fold", None),
     "last+question, validation, l2 0.1": ("last+question", "validation", 0.1),
     "last+question, out-of-fold, l2 0.1": ("last+question", "out-of-fold", 0.1),
-    "last, mean-difference": ("last", "validation", "mean-difference"),
-    "last, mean-difference, out-of-fold": ("last", "out-of-fold", "mean-difference"),
-    "last+question, mean-difference": ("last+question", "validation", "mean-difference"),
-    "last+question, mean-difference, out-of-fold": ("last+question", "out-of-fold", "mean-difference"),
 }
-
-
-def gate_options(l2: float | str | None) -> dict[str, Any]:
-    if l2 is None:
-        return {}
-    return {"method": l2} if isinstance(l2, str) else {"l2": l2}
 
 
 def study(policy_path: Path, adapter: BackboneAdapter, variants: dict[str, Any]) -> dict[str, Any]:
@@ -67,7 +57,7 @@ def study(policy_path: Path, adapter: BackboneAdapter, variants: dict[str, Any])
     test_rows: dict[str, Any] = {}
     for name, (features, selection, l2) in variants.items():
         options = BuildOptions(gate_features=features, gate_selection=selection,
-                               gate_options=gate_options(l2))
+                               gate_options={} if l2 is None else {"l2": l2})
         fit = fit_gate(adapter, data, options, plugins=get_plugin_manager(), progress=False)
         if features not in test_rows:
             test_rows[features] = capture(adapter, data.test, gate_layers(adapter.num_layers, options),

@@ -104,31 +104,16 @@ class ProbeGate(Gate):
         *,
         l2: float = 1e-2,
         max_iter: int = 200,
-        method: str = "logistic",
         **options: Any,
     ) -> dict[str, float]:
-        """L2-regularised logistic regression (LBFGS, full batch) on standardised features.
-
-        ``method="mean-difference"`` fixes the direction to the difference of the class means
-        (of standardised features) and fits only its scale and the bias: a direction that
-        cannot single out the few features that happen to separate a few hundred training
-        questions (their phrasing rather than their subject).
-        """
+        """L2-regularised logistic regression (LBFGS, full batch) on standardised features."""
         if len(h_in) == 0 or len(h_out) == 0:
             raise CrvlmError("probe gate needs both in-scope and out-of-scope activations")
-        if method not in ("logistic", "mean-difference"):
-            raise CrvlmError(f"probe gate method must be 'logistic' or 'mean-difference', got {method!r}")
         x = torch.cat([h_in, h_out]).double()
         y = torch.cat([torch.zeros(len(h_in)), torch.ones(len(h_out))]).double()
         mean = x.mean(0)
         std = x.std(0).clamp_min(1e-6)
         z = (x - mean) / std
-        direction = None
-        if method == "mean-difference":
-            diff = z[len(h_in):].mean(0) - z[: len(h_in)].mean(0)
-            direction = diff / diff.norm().clamp_min(1e-12)
-            z = (z @ direction)[:, None]
-            l2 = 0.0
         w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
         b = torch.zeros((), dtype=torch.float64, requires_grad=True)
         # Balance classes so an uneven data set does not shift the decision boundary.
@@ -145,8 +130,7 @@ class ProbeGate(Gate):
 
         with torch.enable_grad():
             opt.step(closure)
-        weight = w.detach() if direction is None else direction * w.detach()[0]
-        self.weight, self.bias = weight.float(), b.detach().float()
+        self.weight, self.bias = w.detach().float(), b.detach().float()
         self.mean, self.std = mean.float(), std.float()
         self.threshold = 0.0
         pred = (self.logits(torch.cat([h_in, h_out]).float()) > 0).double()
