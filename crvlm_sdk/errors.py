@@ -44,6 +44,12 @@ class ModelLoadError(CrvlmError):
     exit_code = 6
 
 
+class ExportError(CrvlmError):
+    """A bundle uses something the export target cannot express (llama.cpp: rotation, layer 0)."""
+
+    exit_code = 7
+
+
 class PolicyError(CrvlmError):
     """A policy file or one of its data files is wrong."""
 

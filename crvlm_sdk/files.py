@@ -1,5 +1,5 @@
-"""Writing a directory all at once: a crash leaves the old directory or the new one, never half,
-and ``overwrite`` replaces only a directory of the kind crvlm is writing.
+"""Writing a directory or a file all at once: a crash leaves the old version or the new one,
+never half, and ``overwrite`` replaces only a directory or file of the kind crvlm is writing.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +62,26 @@ REPORT = Artifact("report", "report.json", frozenset({"report.json", "report.md"
 DEMO_MODEL = Artifact("demo model", "crvlm_demo_vlm.json", frozenset(), (".json", ".jinja", ".safetensors", ".txt"))
 
 
+@dataclass(frozen=True)
+class FileArtifact:
+    """A kind of single file crvlm writes; ``recognise`` tells one crvlm wrote from any other
+    file, so ``overwrite`` never replaces a file given by mistake (a model, say)."""
+
+    what: str
+    recognise: Callable[[Path], bool]
+    error: type[CrvlmError] = CrvlmError
+
+    def check_replaceable(self, target: Path, *, overwrite: bool) -> None:
+        if not (target.exists() or target.is_symlink()):
+            return
+        if not overwrite:
+            raise self.error(f"{target} already exists", hint=f"pass --overwrite (overwrite=True) to replace the "
+                                                              f"{self.what}, or choose another path")
+        if target.is_symlink() or not target.is_file() or not self.recognise(target):
+            raise self.error(f"{target} is not a {self.what} crvlm wrote; --overwrite replaces only those",
+                             hint="choose another path")
+
+
 def _temporary_names(target: Path) -> re.Pattern[str]:
     """Siblings :func:`atomic_directory` leaves only when its process dies: ``.NAME.PID.*.tmp``
     (being written) and ``.NAME.old-PID`` (the previous version, between two renames)."""
@@ -94,7 +114,11 @@ def recover_interrupted(target: Path) -> None:
             with contextlib.suppress(OSError):  # left in place if it cannot come back
                 os.replace(entry, target)  # the previous version was complete: it comes back
             continue
-        shutil.rmtree(entry, ignore_errors=True)
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                entry.unlink()
 
 
 @contextmanager
@@ -127,4 +151,37 @@ def atomic_directory(target: Path, kind: Artifact, *, overwrite: bool = False) -
                                  hint="pass --overwrite (overwrite=True) to replace it") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextmanager
+def atomic_file(target: Path, kind: FileArtifact, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling path of ``target`` to write; on success it becomes ``target``.
+
+    The same promises as :func:`atomic_directory`: an existing ``target`` is replaced (in one
+    rename) only with ``overwrite`` and only if ``kind`` recognises it; without ``overwrite`` a
+    file created meanwhile is not replaced (the temporary is hard-linked into place, which
+    fails if the name exists); on any error the temporary is removed and ``target`` is as it was.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    recover_interrupted(target)
+    kind.check_replaceable(target, overwrite=overwrite)
+    handle, name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
+    os.close(handle)
+    tmp = Path(name)
+    try:
+        yield tmp
+        if overwrite and (target.exists() or target.is_symlink()):
+            kind.check_replaceable(target, overwrite=True)  # it may have changed while we wrote
+            os.replace(tmp, target)
+        else:
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
+                raise kind.error(f"{target} was created by someone else while this {kind.what} was written",
+                                 hint="pass --overwrite (overwrite=True) to replace it") from None
+            tmp.unlink()
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
         raise

@@ -2,7 +2,8 @@
 
 Exit codes: 0 success; 1 a user error (bad input, see the message); 2 bad usage (unknown
 option, missing argument); 3 a bundle is missing, malformed, tampered with or for another
-model; 4 no adapter fits the model; 5 plugin problem; 6 a model cannot be loaded.
+model; 4 no adapter fits the model; 5 plugin problem; 6 a model cannot be loaded; 7 a bundle
+uses something the export target cannot express.
 User errors print one line and a hint, never a traceback.
 """
 
@@ -489,6 +490,35 @@ def generate(
             cells.append(plain[i])
         table.add_row(*_plain(*cells, steered[i]))
     console.print(table)
+
+
+export_app = typer.Typer(help="Write a bundle for another inference engine.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("llamacpp")
+@user_errors
+def export_llamacpp_cmd(
+    bundle: Annotated[Path, typer.Argument(help="bundle directory")],
+    out: Annotated[Path, typer.Argument(help="control-vector GGUF file to write")],
+    overwrite: Annotated[bool, typer.Option(help="replace a control vector crvlm wrote earlier")] = False,
+) -> None:
+    """Write the bundle's steering as a llama.cpp control vector (--control-vector OUT).
+
+    llama.cpp has no gate: the exported vector steers every input. Only additive bundles that
+    leave layer 0 alone can be exported.
+    """
+    from crvlm_sdk.export.llamacpp import export_llamacpp
+
+    written = export_llamacpp(bundle, out, overwrite=overwrite)
+    layers = ", ".join(str(layer) for layer in written.layers)
+    console.print(Text(f"control vector written to {written.path} (direction.N for layers {layers}); use it with "
+                       f"llama-cli -m MODEL.gguf --control-vector {written.path}"))
+    if written.dropped:
+        err_console.print("[bold yellow]warning:[/] llama.cpp runs only the steering of this bundle. Dropped:")
+        for item in written.dropped:
+            err_console.print(Text(f"  - {item}"))
+        err_console.print("[yellow]Every question will be steered toward refusing, in scope or not.[/]")
 
 
 @app.command("demo-model")

@@ -1,0 +1,1 @@
+"""Bundles written for other inference engines (llama.cpp control vectors)."""
