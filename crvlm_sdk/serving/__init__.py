@@ -1,0 +1,1 @@
+"""Steering inside serving engines: the engine-independent core (:mod:`.core`)."""

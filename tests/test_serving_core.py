@@ -1,0 +1,183 @@
+"""The engine-independent steering core against the Steerer, on synthetic flat layouts.
+
+``FlatEngine`` plays a serving engine on a transformers model: every forward of ``generate``
+over a left-padded batch is described to the core as one flat batch (row ``b·S + s`` is token
+``s`` of request ``b``; a decoding step has one row per request), and each decoder layer's
+output goes through :meth:`SteeringCore.layer_output` as ``(tokens, H)``. Whatever the Steerer
+does per row, the core must do per request, token for token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+import torch
+from conftest import make_bundle
+from test_gate_features import _question_bundle
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from crvlm_sdk.activations.hooks import HookSpec, hooks_installed, layer_hidden, with_hidden
+from crvlm_sdk.bundle.manifest import ResponseSpec
+from crvlm_sdk.errors import CrvlmError
+from crvlm_sdk.serving.core import RequestResponses, Rows, SteeringCore
+from crvlm_sdk.steering.response import end_of_sequence_id, sentence_end_ids
+from crvlm_sdk.steering.steerer import Steerer
+
+QUESTIONS = ["What is the capital of France?", "How do I bake bread?", "Name a colour.",
+             "Why is the sky blue on a clear day?"]
+_CACHE = ("past_key_values", "cache", "cache_position", "use_cache")
+
+
+class FlatEngine:
+    """Drive a :class:`SteeringCore` from ``model.generate`` as a serving engine would."""
+
+    def __init__(self, adapter: Any, core: SteeringCore, responses: RequestResponses | None = None) -> None:
+        self.adapter, self.core, self.responses = adapter, core, responses
+        self.prepasses = 0
+
+    def generate(self, questions: Sequence[str], selections: Sequence[Sequence[str]], max_new_tokens: int) -> list[str]:
+        adapter, core = self.adapter, self.core
+        batch = adapter.build_prompts(questions)
+        ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]
+        width = ids.shape[1]
+        pads = (mask == 0).sum(1).tolist()
+        lengths = [width - pad for pad in pads]
+        calls = [0]
+        in_prepass = [False]
+
+        def pre_forward(module, args, kwargs):
+            if in_prepass[0]:
+                return
+            x = kwargs.get("input_ids", args[0] if args else None)
+            rows_, seq = x.shape
+            if calls[0] == 0:
+                layout = [Rows(i, i * seq + pads[i], lengths[i], 0, lengths[i], tuple(selections[i]), ids[i, pads[i]:])
+                          for i in range(rows_)]
+            else:
+                layout = [Rows(i, i, 1, lengths[i] + calls[0] - 1, lengths[i]) for i in range(rows_)]
+            calls[0] += 1
+            if core.begin_step(layout, rows_ * seq):
+                self.prepasses += 1
+                in_prepass[0] = True
+                try:
+                    with core.prepass(), torch.no_grad():
+                        module(*args, **{k: v for k, v in kwargs.items() if k not in _CACHE}, use_cache=False)
+                finally:
+                    in_prepass[0] = False
+
+        def layer_hook(layer: int):
+            def hook(module, args, output):
+                h = layer_hidden(output)
+                return with_hidden(output, core.layer_output(layer, h.reshape(-1, h.shape[-1])).view_as(h))
+            return hook
+
+        layers = adapter.decoder_layers()
+        specs = [HookSpec(adapter.model, pre_forward, kind="pre", with_kwargs=True)]
+        specs += [HookSpec(layers[layer], layer_hook(layer)) for layer in core.layers]
+        processors = LogitsProcessorList([_Forcing(self.responses, width)] if self.responses else [])
+        with hooks_installed(specs), torch.inference_mode():
+            out = adapter.model.generate(**batch.inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                         pad_token_id=adapter.pad_token_id, logits_processor=processors)
+        for i in range(len(questions)):
+            core.finish(i)
+            if self.responses:
+                self.responses.finish(i)
+        return [adapter.decode(row).strip() for row in out[:, width:].tolist()]
+
+
+class _Forcing(LogitsProcessor):
+    def __init__(self, responses: RequestResponses, width: int) -> None:
+        self.responses, self.width = responses, width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for i in range(input_ids.shape[0]):
+            token = self.responses.next_token(i, input_ids[i, self.width:].tolist())
+            if token is not None:
+                scores[i] = float("-inf")
+                scores[i, token] = 0.0
+        return scores
+
+
+def _same_as_steerer(adapter, bundles, selections, *, new_tokens=8, responses=False) -> FlatEngine:
+    steerer = Steerer(adapter, bundles)
+    expected = steerer.generate(QUESTIONS, rows=selections, max_new_tokens=new_tokens)
+    plain = steerer.generate(QUESTIONS, steer=False, max_new_tokens=new_tokens)
+    assert any(e != p for e, p in zip(expected, plain, strict=True)), "steering must change something here"
+    core = SteeringCore(bundles, question_opener=adapter.question_opener(),
+                        skip_ids=frozenset(adapter.image_token_ids()))
+    shaping = None
+    if responses:
+        eos = end_of_sequence_id(adapter.model, adapter, None)
+        forced = [[*adapter.encode_text(b.manifest.response.message), eos] if b.manifest.response.mode == "template"
+                  else adapter.encode_text(b.manifest.response.opening) for b in bundles]
+        vocab = adapter.model.get_output_embeddings().weight.shape[0]
+        shaping = RequestResponses(core, forced, sentence_end_ids(adapter, vocab), eos)
+    engine = FlatEngine(adapter, core, shaping)
+    assert engine.generate(QUESTIONS, selections, new_tokens) == expected
+    assert core.active == 0
+    return engine
+
+
+def test_gates_read_in_the_same_pass_per_request_selection_and_step_limits(tiny_llama):
+    _, _, adapter = tiny_llama
+    a = make_bundle(adapter, name="a", layers=(1, 2), gate_layer=0, alpha=8.0, seed=0)
+    b = make_bundle(adapter, name="b", layers=(2,), gate_layer=0, alpha=8.0, seed=1, decode_steps=2)
+    engine = _same_as_steerer(adapter, [a, b], [["a"], ["a", "b"], [], ["b"]])
+    assert engine.prepasses == 0
+
+
+def test_gates_above_the_band_are_read_in_a_prepass_rotation_included(tiny_llama):
+    _, _, adapter = tiny_llama
+    last = adapter.num_layers - 1
+    a = make_bundle(adapter, name="a", layers=(0, 1), gate_layer=(last - 1, last), alpha=12.0, operator="rotation")
+    b = make_bundle(adapter, name="b", layers=(1,), gate_layer=0, alpha=8.0, seed=2, decode_steps=3)
+    engine = _same_as_steerer(adapter, [a, b], [["a", "b"], ["a"], ["b"], []])
+    assert engine.prepasses == 1  # the prompt step only
+
+
+def test_question_features_are_read_from_the_prompt_ids(tiny_llama):
+    _, _, adapter = tiny_llama
+    bundle = _question_bundle(adapter, (0, 1), (2, 3))
+    _same_as_steerer(adapter, [bundle], [["q"]] * 4)
+
+
+def test_forced_openings_template_answers_and_stops_match_the_steerer(tiny_llama):
+    _, _, adapter = tiny_llama
+    a = make_bundle(adapter, name="a", layers=(1,), gate_layer=0, alpha=4.0, seed=3)
+    a.manifest.response = ResponseSpec(mode="steer", opening="Sorry.", stop_sentences=1)
+    b = make_bundle(adapter, name="b", layers=(2,), gate_layer=0, alpha=4.0, seed=4)
+    b.manifest.response = ResponseSpec(mode="template", message="No.")
+    steerer = Steerer(adapter, [a, b])
+    scores = steerer.gate_scores(QUESTIONS)
+    assert (scores["a"] >= 0.5).any() and (scores["a"] < 0.5).any(), "some rows refused, some not"
+    engine = _same_as_steerer(adapter, [a, b], [["a"], ["a", "b"], ["b"], ["a", "b"]], new_tokens=12,
+                              responses=True)
+    assert engine.responses is not None
+
+
+def test_a_prompt_split_across_steps_is_refused(tiny_llama):
+    _, _, adapter = tiny_llama
+    core = SteeringCore([make_bundle(adapter, name="a")])
+    with pytest.raises(CrvlmError, match="split across steps"):
+        core.begin_step([Rows("r", 0, 4, 0, 10, ("a",))], 4)
+    with pytest.raises(CrvlmError, match="split across steps"):
+        core.begin_step([Rows("s", 0, 6, 4, 10, ("a",))], 6)
+    core.begin_step([Rows("t", 0, 4, 0, 10, ())], 4)  # a request that asked for nothing is left alone
+
+
+def test_requests_are_checked_and_their_slots_reused(tiny_llama):
+    _, _, adapter = tiny_llama
+    core = SteeringCore([make_bundle(adapter, name="a")], capacity=2)
+    with pytest.raises(CrvlmError, match="unknown bundles"):
+        core.begin_step([Rows("x", 0, 3, 0, 3, ("zzz",))], 3)
+    with pytest.raises(CrvlmError, match="outside"):
+        core.begin_step([Rows("y", 2, 3, 0, 3, ("a",))], 3)
+    core.finish("y")
+    core.begin_step([Rows(1, 0, 3, 0, 3, ("a",)), Rows(2, 3, 3, 0, 3, ("a",))], 6)
+    with pytest.raises(CrvlmError, match="more than 2"):
+        core.begin_step([Rows(3, 0, 3, 0, 3, ("a",))], 3)
+    core.finish(1)
+    core.begin_step([Rows(3, 0, 3, 0, 3, ("a",))], 3)
+    assert core.active == 2
