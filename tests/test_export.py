@@ -10,7 +10,6 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-import torch
 from conftest import make_bundle, needs_smollm2
 from typer.testing import CliRunner
 
@@ -76,13 +75,8 @@ def test_overwrite_replaces_only_a_control_vector_crvlm_wrote(tiny_llama, tmp_pa
     export_llamacpp(second, target, overwrite=True)
     np.testing.assert_array_equal(read_control_vector(target)[1][1], (2.0 * second.vectors[1]).numpy())
 
-    model = tmp_path / "model.gguf"  # a GGUF crvlm did not write: a model, say
-    writer = gguf.GGUFWriter(str(model), "controlvector")
-    writer.add_tensor("direction.1", np.ones(4, dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    model = tmp_path / "model.gguf"  # a control vector crvlm did not write
+    _write_directions(model, {1: np.ones(4, dtype=np.float32)})
     notes = tmp_path / "notes.txt"
     notes.write_text("mine")
     for other in (model, notes, tmp_path):
@@ -131,39 +125,79 @@ LLAMA_COMPLETION = shutil.which("llama-completion") or os.environ.get("CRVLM_LLA
                                                      "CRVLM_LLAMA_COMPLETION) to run the llama.cpp end-to-end test")
 def test_llamacpp_with_the_exported_vector_says_what_the_steerer_says(tmp_path):
     """Greedy text from llama.cpp with ``--control-vector`` equals the Steerer's with the bundle
-    (an always-on gate and no step limit: what the file carries)."""
-    llamacpp_text = _llamacpp_runner(tmp_path)
-    from crvlm_sdk.adapters.base import adapter_for
+    (an always-on gate and no step limit: what the file carries), on float32 weights; the same
+    vector filed one layer up does not (the layer convention is what is tested).
+
+    llama.cpp sums in another order than torch: a strong random push that leaves two tokens
+    nearly tied can still flip one after a few tokens, so the push here is moderate.
+    """
     from crvlm_sdk.models.loading import find_smollm2_gguf, load_model
+    from crvlm_sdk.plugins.adapters import adapter_for
     from crvlm_sdk.steering.steerer import Steerer
 
     model, tokenizer = load_model("smollm2")
     adapter = adapter_for(model, tokenizer)
-    g = torch.Generator().manual_seed(0)
-    vectors = {layer: torch.nn.functional.normalize(torch.randn(adapter.hidden_size, generator=g), dim=0)
-               for layer in (8, 12)}
-    bundle = make_bundle(adapter, gate=AlwaysGate(), gate_layer=0)
-    bundle.vectors = vectors
-    bundle.manifest.alpha = 6.0
+    bundle = make_bundle(adapter, gate=AlwaysGate(), gate_layer=0, layers=(6,), alpha=8.0)
     cv = export_llamacpp(bundle, tmp_path / "cv.gguf").path
+    _, directions = read_control_vector(cv)
+    shifted = tmp_path / "shifted.gguf"  # what an off-by-one layer convention would write
+    _write_directions(shifted, {layer + 1: d for layer, d in directions.items()})
     steerer = Steerer(adapter, [bundle])
-    question = "What is the capital of France?"
-    prompt = adapter.render_prompt(question, has_image=False, system=None)
-    plain = steerer.generate([question], steer=False, max_new_tokens=12)[0]
-    steered = steerer.generate([question], max_new_tokens=12)[0]
-    assert steered != plain, "the vector must change the answer, or the comparison proves nothing"
-    gguf_model = find_smollm2_gguf()
-    assert llamacpp_text(gguf_model, prompt, None) == plain
-    assert llamacpp_text(gguf_model, prompt, cv) == steered
+    questions = ["What is the capital of France?", "How do I boil an egg?", "Name a famous painter."]
+    plain = steerer.generate(questions, steer=False, max_new_tokens=16)
+    steered = steerer.generate(questions, max_new_tokens=16)
+    assert steered != plain, "the vector must change an answer, or the comparison proves nothing"
+    weights = _float32_copy(find_smollm2_gguf(), tmp_path / "smollm2-f32.gguf")
+    run = _llamacpp_runner(weights)
+    prompts = [adapter.render_prompt(q, has_image=False, system=None) for q in questions]
+    assert [run(p, None) for p in prompts] == plain
+    assert [run(p, cv) for p in prompts] == steered
+    assert [run(p, shifted) for p in prompts] != steered
 
 
-def _llamacpp_runner(tmp_path: Path):
-    def run(model: Path, prompt: str, control_vector: Path | None) -> str:
-        command = [LLAMA_COMPLETION, "-m", str(model), "-p", prompt, "-n", "12", "--temp", "0", "--seed", "0",
-                   "-no-cnv", "--no-display-prompt", "--simple-io", "-t", "2"]
+def _write_directions(path: Path, directions: dict[int, np.ndarray]) -> None:
+    writer = gguf.GGUFWriter(str(path), "controlvector")
+    writer.add_uint32("controlvector.layer_count", len(directions))
+    for layer, direction in directions.items():
+        writer.add_tensor(f"direction.{layer}", direction)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _float32_copy(source: Path, target: Path) -> Path:
+    """The GGUF with every tensor dequantised to float32, as transformers loads it: llama.cpp
+    multiplies quantised weights by 8-bit-quantised activations, which changes a 135M model's
+    greedy text on its own, with or without steering."""
+    from gguf.quants import dequantize
+
+    reader = gguf.GGUFReader(str(source))
+    writer = gguf.GGUFWriter(str(target), reader.fields["general.architecture"].contents())
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name in ("general.architecture", "general.file_type"):
+            continue
+        kind = field.types[0]
+        writer.add_key_value(name, field.contents(), kind,
+                             sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    for tensor in reader.tensors:
+        writer.add_tensor(tensor.name, dequantize(tensor.data, tensor.tensor_type).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return target
+
+
+def _llamacpp_runner(weights: Path):
+    def run(prompt: str, control_vector: Path | None) -> str:
+        # -c 512 and --no-warmup: a 2-core CI-like machine needs no more (and warm-up crashed there)
+        command = [LLAMA_COMPLETION, "-m", str(weights), "-p", prompt, "-n", "16", "--temp", "0", "--seed", "0",
+                   "-no-cnv", "--no-display-prompt", "--simple-io", "-t", "2", "-c", "512", "--no-warmup"]
         if control_vector is not None:
             command += ["--control-vector", str(control_vector)]
         done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
-        return done.stdout.strip()
+        return done.stdout.strip().removesuffix("[end of text]").strip()
 
     return run
