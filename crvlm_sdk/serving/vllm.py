@@ -1,0 +1,215 @@
+"""crvlm inside vLLM: refusal bundles chosen per request, steered in vLLM's own batches.
+
+vLLM runs every scheduled request's new tokens as one flat batch. A pre-forward hook on the
+model reads the runner's input batch (request ids, where each request's rows start, how many
+tokens it has computed, its prompt length) and each request's ``SamplingParams.extra_args``
+(``{"crvlm": ["bundle", ...]}``), describes the step to :class:`~crvlm_sdk.serving.core.SteeringCore`,
+and forward hooks on the decoder layers let the core read gates and steer. vLLM's decoder
+layers return ``(hidden, residual)`` and the residual stream crvlm steers is their sum, so the
+hooks steer the sum and hand back ``residual' = steered − hidden``.
+
+What is refused rather than served wrongly, each with one line when the engine is made:
+
+- compiled mode (vLLM's default): compiled graphs skip Python hooks, so ``enforce_eager`` is
+  required; a canary forward after loading proves the hooks ran;
+- chunked prefill: a prompt's first chunks would run before its gate is read;
+- prefix caching: a cached prompt prefix keeps keys and values computed under another
+  request's bundles and gate value;
+- bundles whose gate reads the question's tokens or that shape responses (forced opening,
+  stop, template): not served by this integration yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from crvlm_sdk.activations.hooks import StopForward
+from crvlm_sdk.bundle.artifact import Bundle
+from crvlm_sdk.errors import CrvlmError
+from crvlm_sdk.serving.core import Rows, SteeringCore
+
+#: the ``SamplingParams.extra_args`` key (``vllm_xargs`` in the OpenAI server) naming a request's bundles
+EXTRA_ARGS_KEY = "crvlm"
+
+
+def requested_bundles(extra_args: dict[str, Any] | None) -> tuple[str, ...]:
+    """The bundle names a request asked for, checked: a list of strings (or one string)."""
+    value = (extra_args or {}).get(EXTRA_ARGS_KEY, ())
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise CrvlmError(f"extra_args[{EXTRA_ARGS_KEY!r}] must be a list of bundle names, got {value!r}")
+    return tuple(value)
+
+
+def check_servable(bundle: Bundle) -> None:
+    """Refuse what this integration cannot serve exactly as the Steerer would."""
+    m = bundle.manifest
+    if m.gate.features != "last":
+        raise CrvlmError(f"bundle {bundle.name!r}: its gate reads {m.gate.features!r} features; the vLLM "
+                         "integration reads the last prompt token only (for now)",
+                         hint="build the bundle with the default gate features")
+    if m.response.shapes:
+        raise CrvlmError(f"bundle {bundle.name!r} shapes refused answers (response mode {m.response.mode!r}, "
+                         f"opening {m.response.opening!r}, stop {m.response.stop_sentences}); the vLLM integration "
+                         "does not apply response shaping yet", hint="serve a bundle built with --mode steer "
+                                                                     "--opening '' --stop never")
+
+
+def check_engine_config(vllm_config: Any) -> None:
+    """One line for each engine setting that would make steering wrong."""
+    if not vllm_config.model_config.enforce_eager:
+        raise CrvlmError("vLLM compiles the model unless enforce_eager=True, and compiled graphs skip crvlm's "
+                         "hooks", hint="start vLLM with enforce_eager=True (--enforce-eager)")
+    if vllm_config.scheduler_config.enable_chunked_prefill:
+        raise CrvlmError("chunked prefill would run a prompt's first chunks before its gate is read",
+                         hint="start vLLM with enable_chunked_prefill=False (--no-enable-chunked-prefill)")
+    if vllm_config.cache_config.enable_prefix_caching:
+        raise CrvlmError("prefix caching would reuse keys and values computed under another request's bundles",
+                         hint="start vLLM with enable_prefix_caching=False (--no-enable-prefix-caching)")
+    if vllm_config.parallel_config.tensor_parallel_size != 1 or vllm_config.parallel_config.pipeline_parallel_size != 1:
+        raise CrvlmError("crvlm steers a model on one device; tensor and pipeline parallelism are not supported",
+                         hint="start vLLM with tensor_parallel_size=1 and pipeline_parallel_size=1")
+    if vllm_config.speculative_config is not None:
+        raise CrvlmError("speculative decoding is not supported with crvlm bundles",
+                         hint="start vLLM without a speculative config")
+
+
+class VllmSteering:
+    """The hooks that connect one vLLM model runner to a :class:`SteeringCore`."""
+
+    def __init__(self, runner: Any, core: SteeringCore) -> None:
+        self.runner = runner
+        self.core = core
+        self.model = runner.get_model()
+        self.layers = _decoder_layers(self.model)
+        self._seen: set[Hashable] = set()
+        self._inside = False
+        self.forwards = 0  # steered forward calls (the canary checks it moves)
+        self._handles: list[Any] = []
+
+    def install(self) -> None:
+        self._handles.append(self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
+        for layer in self.core.layers:
+            self._handles.append(self.layers[layer].register_forward_hook(self._layer_hook(layer)))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _layout(self, num_tokens: int) -> list[Rows]:
+        batch = self.runner.input_batch
+        n = batch.num_reqs
+        starts = self.runner.query_start_loc.cpu[: n + 1].tolist() if n else [0]
+        rows, live = [], set()
+        for i, req_id in enumerate(batch.req_ids[:n]):
+            live.add(req_id)
+            count = starts[i + 1] - starts[i]
+            if count <= 0 or starts[i] >= num_tokens:
+                continue
+            params = self.runner.requests[req_id].sampling_params
+            names = requested_bundles(getattr(params, "extra_args", None))
+            rows.append(Rows(req_id, starts[i], count, int(batch.num_computed_tokens_cpu[i]),
+                             int(batch.num_prompt_tokens[i]), names))
+        for gone in self._seen - live:
+            self.core.finish(gone)
+        self._seen = live
+        return rows
+
+    def _pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        if self._inside:
+            return
+        positions = kwargs.get("positions")
+        num_tokens = int(positions.shape[-1]) if positions is not None else int(kwargs["input_ids"].shape[0])
+        needs_prepass = self.core.begin_step(self._layout(num_tokens), num_tokens)
+        self.forwards += 1
+        if needs_prepass:
+            self._inside = True
+            try:
+                with self.core.prepass(), torch.no_grad():
+                    module(*args, **kwargs)  # writes the same KV slots the real pass then overwrites
+            except StopForward:
+                pass
+            finally:
+                self._inside = False
+
+    def _layer_hook(self, layer: int):
+        core = self.core
+        stop_here = layer == core.prepass_stop
+
+        def hook(module: torch.nn.Module, args: tuple, output: Any) -> Any:
+            hidden, residual = output
+            stream = hidden + residual
+            steered = core.layer_output(layer, stream)
+            if self._inside and stop_here:
+                raise StopForward
+            return hidden, steered - hidden
+
+        return hook
+
+
+def _decoder_layers(model: torch.nn.Module) -> Sequence[torch.nn.Module]:
+    inner = getattr(model, "model", model)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise CrvlmError(f"cannot find the decoder layers of vLLM model {type(model).__name__}",
+                         hint="crvlm's vLLM integration supports models with model.model.layers (Llama-like)")
+    return layers
+
+
+class CrvlmWorkerExtension:
+    """Mixed into vLLM's worker (``LLM(..., worker_extension_cls=WORKER_EXTENSION)``); its methods
+    run in every worker through ``collective_rpc``."""
+
+    def crvlm_load(self, bundle_paths: Sequence[str]) -> dict[str, Any]:
+        check_engine_config(self.vllm_config)  # type: ignore[attr-defined]
+        runner = self.model_runner  # type: ignore[attr-defined]
+        config = runner.model_config.hf_config
+        text = getattr(config, "text_config", config)
+        bundles = [Bundle.load(path) for path in bundle_paths]
+        for bundle in bundles:
+            check_servable(bundle)
+            m = bundle.manifest.backbone
+            if (m.hidden_size, m.num_layers) != (text.hidden_size, text.num_hidden_layers):
+                raise CrvlmError(f"bundle {bundle.name!r} was built for a model with hidden size {m.hidden_size} and "
+                                 f"{m.num_layers} layers; vLLM serves one with {text.hidden_size} and "
+                                 f"{text.num_hidden_layers}", hint="rebuild the bundle for this model")
+        previous = getattr(self, "_crvlm", None)
+        if previous is not None:
+            previous.remove()
+        steering = VllmSteering(runner, SteeringCore(bundles))
+        steering.install()
+        self._crvlm = steering
+        return {"bundles": steering.core.names, "layers": steering.core.layers}
+
+    def crvlm_forwards(self) -> int:
+        steering = getattr(self, "_crvlm", None)
+        return 0 if steering is None else steering.forwards
+
+
+WORKER_EXTENSION = f"{__name__}.CrvlmWorkerExtension"
+
+#: engine settings crvlm needs (see the module text): pass them to ``vllm.LLM`` or ``vllm serve``
+ENGINE_SETTINGS: dict[str, Any] = {"enforce_eager": True, "enable_chunked_prefill": False,
+                                   "enable_prefix_caching": False}
+
+
+def steered_llm(model: str | Path, bundles: Sequence[str | Path], **engine_args: Any) -> Any:
+    """A ``vllm.LLM`` with crvlm's worker extension and ``bundles`` loaded, checked by a canary
+    request that must pass through the hooks."""
+    from vllm import LLM, SamplingParams
+
+    settings = {**ENGINE_SETTINGS, **engine_args, "worker_extension_cls": WORKER_EXTENSION}
+    llm = LLM(str(model), **settings)
+    names = llm.collective_rpc("crvlm_load", args=([str(Path(b)) for b in bundles],))[0]["bundles"]
+    before = llm.collective_rpc("crvlm_forwards")[0]
+    llm.generate(["canary"], SamplingParams(max_tokens=1, extra_args={EXTRA_ARGS_KEY: names[:1]}), use_tqdm=False)
+    if llm.collective_rpc("crvlm_forwards")[0] <= before:
+        raise CrvlmError("crvlm's hooks did not run in vLLM's forward pass (a compiled or captured graph?)",
+                         hint="start vLLM with enforce_eager=True")
+    return llm

@@ -1,0 +1,93 @@
+"""crvlm inside vLLM (runs where vLLM is installed: the separate vLLM environment of .ci/run).
+
+Several requests in one vLLM batch, each with its own bundles (or none), must get exactly the
+tokens :meth:`Steerer.generate` gives the same prompts with the same per-row selection.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+vllm = pytest.importorskip("vllm", reason="vLLM is not installed here (the vLLM environment of .ci/run has it)")
+
+from conftest import make_bundle, needs_smollm2  # noqa: E402
+
+from crvlm_sdk.errors import CrvlmError  # noqa: E402
+from crvlm_sdk.serving.vllm import EXTRA_ARGS_KEY, requested_bundles, steered_llm  # noqa: E402
+from crvlm_sdk.steering.steerer import Steerer  # noqa: E402
+
+pytestmark = [needs_smollm2, pytest.mark.slow]
+
+QUESTIONS = ["What is the capital of France?", "How do I boil an egg?", "Name a famous painter.",
+             "Why is the sea salty?", "What is 2 + 2?"]
+SELECTIONS = [["b"], ["a", "b"], [], ["b"], ["a"]]
+NEW_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """SmolLM2 in float32 for both engines, two bundles (one gate read in the same pass, one in
+    a pre-pass), and one vLLM engine with both loaded."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from crvlm_sdk.models.loading import load_model
+    from crvlm_sdk.plugins.adapters import adapter_for
+
+    root = tmp_path_factory.mktemp("vllm")
+    model, tokenizer = load_model("smollm2")
+    model_dir = _save_float32(model, tokenizer, root / "smollm2")
+    adapter = adapter_for(model, tokenizer)
+    a = make_bundle(adapter, name="a", layers=(6,), gate_layer=3, alpha=40.0, seed=0, decode_steps=6)
+    b = make_bundle(adapter, name="b", layers=(8,), gate_layer=(20, 25), alpha=100.0, seed=1)
+    paths = [a.save(root / "a"), b.save(root / "b")]
+    llm = steered_llm(model_dir, paths, dtype="float32", max_model_len=512, gpu_memory_utilization=0.3, seed=0)
+    return adapter, Steerer(adapter, [a, b]), llm
+
+
+def _save_float32(model, tokenizer, target: Path) -> Path:
+    """The GGUF-loaded SmolLM2 as a plain float32 checkpoint (vLLM reads safetensors)."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+def _vllm_texts(adapter, llm, questions, selections):
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    batch = adapter.build_prompts(questions)
+    ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]
+    prompts = [TokensPrompt(prompt_token_ids=row[m.bool()].tolist()) for row, m in zip(ids, mask, strict=True)]
+    params = [SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, extra_args={EXTRA_ARGS_KEY: list(sel)})
+              for sel in selections]
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    return [adapter.decode(list(o.outputs[0].token_ids)).strip() for o in outputs]
+
+
+def test_each_request_gets_the_steerers_tokens_in_one_batch(served):
+    adapter, steerer, llm = served
+    expected = steerer.generate(QUESTIONS, rows=SELECTIONS, max_new_tokens=NEW_TOKENS)
+    plain = steerer.generate(QUESTIONS, steer=False, max_new_tokens=NEW_TOKENS)
+    changed = [e != p for e, p in zip(expected, plain, strict=True)]
+    # a (gate in the same pass) changes the last answer, b (gate in a pre-pass) the first and fourth
+    assert changed == [True, True, False, True, True], "the bundles must change opted-in answers, and only those"
+    assert _vllm_texts(adapter, llm, QUESTIONS, SELECTIONS) == expected
+
+
+def test_unsteered_requests_are_vllms_own_answers(served):
+    adapter, steerer, llm = served
+    assert _vllm_texts(adapter, llm, QUESTIONS[:3], [[]] * 3) == steerer.generate(QUESTIONS[:3], steer=False,
+                                                                                   max_new_tokens=NEW_TOKENS)
+
+
+def test_requests_name_bundles_as_a_list_of_strings():
+    assert requested_bundles(None) == () == requested_bundles({})
+    assert requested_bundles({EXTRA_ARGS_KEY: "a"}) == ("a",)
+    with pytest.raises(CrvlmError, match="list of bundle names"):
+        requested_bundles({EXTRA_ARGS_KEY: [1]})
