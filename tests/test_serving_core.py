@@ -181,3 +181,45 @@ def test_requests_are_checked_and_their_slots_reused(tiny_llama):
     core.finish(1)
     core.begin_step([Rows(3, 0, 3, 0, 3, ("a",))], 3)
     assert core.active == 2
+
+
+def _engine_config(**changes):
+    from types import SimpleNamespace
+
+    settings = {"enforce_eager": True, "chunked": False, "prefix": False, "tp": 1, "pp": 1, "spec": None} | changes
+    return SimpleNamespace(
+        model_config=SimpleNamespace(enforce_eager=settings["enforce_eager"]),
+        scheduler_config=SimpleNamespace(enable_chunked_prefill=settings["chunked"]),
+        cache_config=SimpleNamespace(enable_prefix_caching=settings["prefix"]),
+        parallel_config=SimpleNamespace(tensor_parallel_size=settings["tp"], pipeline_parallel_size=settings["pp"]),
+        speculative_config=settings["spec"])
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"enforce_eager": False}, "enforce_eager"),
+    ({"chunked": True}, "chunked prefill"),
+    ({"prefix": True}, "prefix caching"),
+    ({"tp": 2}, "tensor and pipeline"),
+    ({"pp": 2}, "tensor and pipeline"),
+    ({"spec": object()}, "speculative decoding"),
+])
+def test_vllm_settings_that_would_steer_wrongly_are_refused(change, message):
+    """Checked without vLLM: the engine settings crvlm's vLLM worker refuses at load."""
+    from crvlm_sdk.serving.vllm import check_engine_config
+
+    check_engine_config(_engine_config())
+    with pytest.raises(CrvlmError, match=message):
+        check_engine_config(_engine_config(**change))
+
+
+def test_vllm_refuses_bundles_it_cannot_serve_yet(tiny_llama):
+    from crvlm_sdk.serving.vllm import check_servable
+
+    _, _, adapter = tiny_llama
+    check_servable(make_bundle(adapter))
+    shaped = make_bundle(adapter)
+    shaped.manifest.response = ResponseSpec(mode="steer", opening="Sorry,", stop_sentences=1)
+    with pytest.raises(CrvlmError, match="response shaping"):
+        check_servable(shaped)
+    with pytest.raises(CrvlmError, match="last prompt token only"):
+        check_servable(_question_bundle(adapter, (0,), (1,)))

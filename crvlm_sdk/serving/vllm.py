@@ -187,6 +187,13 @@ class CrvlmWorkerExtension:
         self._crvlm = steering
         return {"bundles": steering.core.names, "layers": steering.core.layers}
 
+    def crvlm_unload(self) -> None:
+        """Remove crvlm's hooks (the model is served as plain vLLM until the next load)."""
+        steering = getattr(self, "_crvlm", None)
+        if steering is not None:
+            steering.remove()
+            self._crvlm = None
+
     def crvlm_forwards(self) -> int:
         steering = getattr(self, "_crvlm", None)
         return 0 if steering is None else steering.forwards
