@@ -5,9 +5,10 @@ Run (in the vLLM environment, scripts/setup_vllm.sh):
     VLLM_ENABLE_V1_MULTIPROCESSING=0 .venv-vllm/bin/python benchmarks/bench_vllm.py [--rounds 4]
 
 One vLLM engine (SmolLM2-135M-Instruct in float32, eager, the settings crvlm requires) serves
-the same 32 prompts × 64 new tokens (``ignore_eos``) in three ways, in rotating order each
-round so drift on this shared machine spreads over all three: with crvlm's hooks removed,
-with two bundles loaded but no request naming one, and with every request naming a bundle
+the same 32 prompts × 64 new tokens (``ignore_eos``) in four ways, in rotating order each
+round so drift on this shared machine spreads over all of them: with crvlm's hooks removed,
+with two bundles loaded but no request naming one, with every request naming a bundle whose
+gate is read in the same pass (gate layer below its band), and with every request naming one
 whose gate sits above its band (the unsteered gate pre-pass runs on each prompt step). Each
 way's tokens per second is reported as a ratio to the hook-free run of the same round (median
 and range over rounds).
@@ -80,12 +81,13 @@ def main() -> None:
         return run(names)
 
     ways = {"no bundle (hooks removed)": unloaded, "bundles loaded, unused": lambda: loaded([]),
-            "every request gated (pre-pass)": lambda: loaded(["a"])}
+            "every request gated (gate in the same pass)": lambda: loaded(["b"]),
+            "every request gated (gate pre-pass)": lambda: loaded(["a"])}
     run([])  # warm-up
     names = list(ways)
     rates: dict[str, list[float]] = {name: [] for name in names}
     for r in range(args.rounds):
-        order = names[r % 3:] + names[: r % 3]
+        order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
             rates[name].append(ways[name]())
     base = rates[names[0]]
@@ -95,7 +97,7 @@ def main() -> None:
         summary[name] = {"tokens_per_s": [round(x, 1) for x in rates[name]],
                          "ratio_median": round(statistics.median(ratios), 3),
                          "ratio_range": [round(min(ratios), 3), round(max(ratios), 3)]}
-        print(f"{name:32s} {statistics.median(rates[name]):7.1f} tok/s   ratio {summary[name]['ratio_median']:.3f} "
+        print(f"{name:44s} {statistics.median(rates[name]):7.1f} tok/s   ratio {summary[name]['ratio_median']:.3f} "
               f"[{summary[name]['ratio_range'][0]:.3f}, {summary[name]['ratio_range'][1]:.3f}]")
     result = {"vllm": vllm.__version__, "machine": platform.processor() or platform.machine(),
               "cpus": os.cpu_count(), "requests": len(QUESTIONS), "new_tokens": NEW_TOKENS, "rounds": args.rounds,

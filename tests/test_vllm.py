@@ -43,7 +43,8 @@ def served(tmp_path_factory):
     b = make_bundle(adapter, name="b", layers=(8,), gate_layer=(20, 25), alpha=100.0, seed=1)
     paths = [a.save(root / "a"), b.save(root / "b")]
     llm = steered_llm(model_dir, paths, dtype="float32", max_model_len=512, gpu_memory_utilization=0.3, seed=0)
-    return adapter, Steerer(adapter, [a, b]), llm
+    yield adapter, Steerer(adapter, [a, b]), llm, root
+    llm.collective_rpc("crvlm_load", args=([str(p) for p in paths],))
 
 
 def _save_float32(model, tokenizer, target: Path) -> Path:
@@ -71,7 +72,7 @@ def _vllm_texts(adapter, llm, questions, selections):
 
 
 def test_each_request_gets_the_steerers_tokens_in_one_batch(served):
-    adapter, steerer, llm = served
+    adapter, steerer, llm, _ = served
     expected = steerer.generate(QUESTIONS, rows=SELECTIONS, max_new_tokens=NEW_TOKENS)
     plain = steerer.generate(QUESTIONS, steer=False, max_new_tokens=NEW_TOKENS)
     changed = [e != p for e, p in zip(expected, plain, strict=True)]
@@ -81,9 +82,28 @@ def test_each_request_gets_the_steerers_tokens_in_one_batch(served):
 
 
 def test_unsteered_requests_are_vllms_own_answers(served):
-    adapter, steerer, llm = served
+    adapter, steerer, llm, _ = served
     assert _vllm_texts(adapter, llm, QUESTIONS[:3], [[]] * 3) == steerer.generate(QUESTIONS[:3], steer=False,
                                                                                    max_new_tokens=NEW_TOKENS)
+
+
+def test_refused_requests_get_the_steerers_opening_stop_and_template(served):
+    """Response shaping per request through crvlm's logits processor: one batch with a forced
+    opening ended after a sentence, template answers, a soft-steered pass and an opted-out row."""
+    from crvlm_sdk.bundle.manifest import ResponseSpec
+
+    adapter, _, llm, root = served
+    c = make_bundle(adapter, name="c", layers=(6,), gate_layer=3, alpha=40.0, seed=0, decode_steps=6)
+    c.manifest.response = ResponseSpec(mode="steer", opening="I'm sorry, but", stop_sentences=1)
+    d = make_bundle(adapter, name="d", layers=(8,), gate_layer=(20, 25), alpha=100.0, seed=1)
+    d.manifest.response = ResponseSpec(mode="template", message="I can only help with testing.")
+    paths = [str(c.save(root / "c")), str(d.save(root / "d"))]
+    llm.collective_rpc("crvlm_load", args=(paths,))
+    selections = [["d"], ["c", "d"], [], ["c"], ["c", "d"]]
+    expected = Steerer(adapter, [c, d]).generate(QUESTIONS, rows=selections, max_new_tokens=NEW_TOKENS)
+    assert expected[0] == expected[4] == "I can only help with testing."
+    assert expected[3].startswith("I'm sorry, but") and expected[1] != expected[3]
+    assert _vllm_texts(adapter, llm, QUESTIONS, selections) == expected
 
 
 def test_requests_name_bundles_as_a_list_of_strings():

@@ -15,12 +15,17 @@ What is refused rather than served wrongly, each with one line when the engine i
 - chunked prefill: a prompt's first chunks would run before its gate is read;
 - prefix caching: a cached prompt prefix keeps keys and values computed under another
   request's bundles and gate value;
-- bundles whose gate reads the question's tokens or that shape responses (forced opening,
-  stop, template): not served by this integration yet.
+- bundles whose gate reads the question's tokens: not served by this integration yet.
+
+Response shaping (forced opening, stop after n sentences, template answers) is applied per
+request by :class:`CrvlmLogitsProcessor`, a vLLM logits processor registered with the engine:
+it asks :class:`~crvlm_sdk.serving.core.RequestResponses` which token each refused request
+must produce next.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +35,18 @@ import torch
 from crvlm_sdk.activations.hooks import StopForward
 from crvlm_sdk.bundle.artifact import Bundle
 from crvlm_sdk.errors import CrvlmError
-from crvlm_sdk.serving.core import Rows, SteeringCore
+from crvlm_sdk.serving.core import RequestResponses, Rows, SteeringCore
+from crvlm_sdk.steering.response import sentence_end_ids
+
+#: the steering of this worker process (one model runner per vLLM worker), for the logits processor
+_ACTIVE: VllmSteering | None = None
+
+try:  # the logits processor subclasses vLLM's interface; the rest of this module needs no vLLM
+    import vllm.v1.sample.logits_processor  # noqa: F401
+
+    _HAS_VLLM = True
+except ImportError:
+    _HAS_VLLM = False
 
 #: the ``SamplingParams.extra_args`` key (``vllm_xargs`` in the OpenAI server) naming a request's bundles
 EXTRA_ARGS_KEY = "crvlm"
@@ -53,11 +69,6 @@ def check_servable(bundle: Bundle) -> None:
         raise CrvlmError(f"bundle {bundle.name!r}: its gate reads {m.gate.features!r} features; the vLLM "
                          "integration reads the last prompt token only (for now)",
                          hint="build the bundle with the default gate features")
-    if m.response.shapes:
-        raise CrvlmError(f"bundle {bundle.name!r} shapes refused answers (response mode {m.response.mode!r}, "
-                         f"opening {m.response.opening!r}, stop {m.response.stop_sentences}); the vLLM integration "
-                         "does not apply response shaping yet", hint="serve a bundle built with --mode steer "
-                                                                     "--opening '' --stop never")
 
 
 def check_engine_config(vllm_config: Any) -> None:
@@ -82,9 +93,10 @@ def check_engine_config(vllm_config: Any) -> None:
 class VllmSteering:
     """The hooks that connect one vLLM model runner to a :class:`SteeringCore`."""
 
-    def __init__(self, runner: Any, core: SteeringCore) -> None:
+    def __init__(self, runner: Any, core: SteeringCore, responses: RequestResponses | None = None) -> None:
         self.runner = runner
         self.core = core
+        self.responses = responses
         self.model = runner.get_model()
         self.layers = _decoder_layers(self.model)
         self._seen: set[Hashable] = set()
@@ -118,6 +130,8 @@ class VllmSteering:
                              int(batch.num_prompt_tokens[i]), names))
         for gone in self._seen - live:
             self.core.finish(gone)
+            if self.responses is not None:
+                self.responses.finish(gone)
         self._seen = live
         return rows
 
@@ -179,27 +193,124 @@ class CrvlmWorkerExtension:
                 raise CrvlmError(f"bundle {bundle.name!r} was built for a model with hidden size {m.hidden_size} and "
                                  f"{m.num_layers} layers; vLLM serves one with {text.hidden_size} and "
                                  f"{text.num_hidden_layers}", hint="rebuild the bundle for this model")
-        previous = getattr(self, "_crvlm", None)
-        if previous is not None:
-            previous.remove()
-        steering = VllmSteering(runner, SteeringCore(bundles))
+        self.crvlm_unload()
+        core = SteeringCore(bundles)
+        responses = None
+        if any(b.manifest.response.shapes for b in bundles):
+            responses = _responses(core, bundles, runner.model_config)
+        steering = VllmSteering(runner, core, responses)
         steering.install()
-        self._crvlm = steering
-        return {"bundles": steering.core.names, "layers": steering.core.layers}
+        global _ACTIVE
+        self._crvlm = _ACTIVE = steering
+        return {"bundles": core.names, "layers": core.layers}
 
     def crvlm_unload(self) -> None:
         """Remove crvlm's hooks (the model is served as plain vLLM until the next load)."""
+        global _ACTIVE
         steering = getattr(self, "_crvlm", None)
         if steering is not None:
             steering.remove()
             self._crvlm = None
+            if _ACTIVE is steering:
+                _ACTIVE = None
 
     def crvlm_forwards(self) -> int:
         steering = getattr(self, "_crvlm", None)
         return 0 if steering is None else steering.forwards
 
 
+class _TokenizerText:
+    """The two text operations response shaping needs, as crvlm's chat adapters do them."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def encode_text(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+
+def _responses(core: SteeringCore, bundles: Sequence[Bundle], model_config: Any) -> RequestResponses:
+    """Forced tokens, sentence ends and end-of-sequence for the served model's tokenizer, chosen
+    as :class:`~crvlm_sdk.steering.steerer.Steerer` chooses them for a transformers model."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(model_config.tokenizer)
+    text = _TokenizerText(tokenizer)
+    eos: Any = None
+    with contextlib.suppress(OSError):  # no generation_config.json: the tokenizer's
+        eos = GenerationConfig.from_pretrained(model_config.model).eos_token_id
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        raise CrvlmError("response shaping needs an end-of-sequence token and the served model has none")
+    forced = []
+    for bundle in bundles:
+        spec = bundle.manifest.response
+        if spec.mode == "template":
+            forced.append([*text.encode_text(spec.message), int(eos)])
+        else:
+            forced.append(text.encode_text(spec.opening) if spec.opening else [])
+    vocab = model_config.get_vocab_size()
+    return RequestResponses(core, forced, sentence_end_ids(text, vocab), int(eos))  # type: ignore[arg-type]
+
+
+def _logits_processor_base() -> type:
+    from vllm.v1.sample.logits_processor import LogitsProcessor
+
+    return LogitsProcessor
+
+
+class CrvlmLogitsProcessor(_logits_processor_base() if _HAS_VLLM else object):  # type: ignore[misc]
+    """Forces each refused request's opening or template answer and ends it after its sentences
+    (vLLM calls it for every row of every step; rows of requests that named no bundle, or whose
+    gate passed them, are left alone)."""
+
+    def __init__(self, vllm_config: Any, device: Any, is_pin_memory: bool) -> None:
+        #: batch index -> that request's running list of output token ids
+        self.outputs: dict[int, list[int]] = {}
+
+    def is_argmax_invariant(self) -> bool:
+        return False
+
+    def update_state(self, batch_update: Any) -> None:
+        if batch_update is None:
+            return
+        for index in batch_update.removed:
+            self.outputs.pop(index, None)
+        for index, params, _prompt, output in batch_update.added:
+            if requested_bundles(getattr(params, "extra_args", None)):
+                self.outputs[index] = output
+            else:
+                self.outputs.pop(index, None)
+        for a, b, direction in batch_update.moved:
+            first, second = self.outputs.pop(a, None), self.outputs.pop(b, None)
+            if first is not None:
+                self.outputs[b] = first
+            if second is not None and direction.name == "SWAP":
+                self.outputs[a] = second
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        steering = _ACTIVE
+        if steering is None or steering.responses is None or not self.outputs:
+            return logits
+        req_ids = steering.runner.input_batch.req_ids
+        for index, output in self.outputs.items():
+            if index >= logits.shape[0] or index >= len(req_ids):
+                continue
+            token = steering.responses.next_token(req_ids[index], output)
+            if token is not None:
+                logits[index] = float("-inf")
+                logits[index, token] = 0.0
+        return logits
+
+
 WORKER_EXTENSION = f"{__name__}.CrvlmWorkerExtension"
+LOGITS_PROCESSOR = f"{__name__}:CrvlmLogitsProcessor"
 
 #: engine settings crvlm needs (see the module text): pass them to ``vllm.LLM`` or ``vllm serve``
 ENGINE_SETTINGS: dict[str, Any] = {"enforce_eager": True, "enable_chunked_prefill": False,
@@ -211,7 +322,9 @@ def steered_llm(model: str | Path, bundles: Sequence[str | Path], **engine_args:
     request that must pass through the hooks."""
     from vllm import LLM, SamplingParams
 
-    settings = {**ENGINE_SETTINGS, **engine_args, "worker_extension_cls": WORKER_EXTENSION}
+    processors = [*engine_args.pop("logits_processors", []), LOGITS_PROCESSOR]
+    settings = {**ENGINE_SETTINGS, **engine_args, "worker_extension_cls": WORKER_EXTENSION,
+                "logits_processors": processors}
     llm = LLM(str(model), **settings)
     names = llm.collective_rpc("crvlm_load", args=([str(Path(b)) for b in bundles],))[0]["bundles"]
     before = llm.collective_rpc("crvlm_forwards")[0]
