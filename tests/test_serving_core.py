@@ -219,7 +219,32 @@ def test_vllm_refuses_bundles_it_cannot_serve_yet(tiny_llama):
     check_servable(make_bundle(adapter))
     shaped = make_bundle(adapter)
     shaped.manifest.response = ResponseSpec(mode="steer", opening="Sorry,", stop_sentences=1)
-    with pytest.raises(CrvlmError, match="response shaping"):
-        check_servable(shaped)
+    check_servable(shaped)  # response shaping is served (tests/test_vllm.py)
     with pytest.raises(CrvlmError, match="last prompt token only"):
         check_servable(_question_bundle(adapter, (0,), (1,)))
+
+
+def test_crvlm_serve_starts_vllm_with_the_settings_steering_needs(tiny_llama, tmp_path):
+    import importlib.util
+
+    from typer.testing import CliRunner
+
+    from crvlm_sdk.cli.app import app
+
+    _, _, adapter = tiny_llama
+    make_bundle(adapter, name="a").save(tmp_path / "a")
+    _question_bundle(adapter, (0,), (1,)).save(tmp_path / "q")
+    runner = CliRunner()
+    dry = runner.invoke(app, ["serve", "--model", "m", "--bundle", str(tmp_path / "a"), "--dry-run",
+                              "--max-model-len", "512"])
+    assert dry.exit_code == 0, dry.output
+    for flag in ("--enforce-eager", "--no-enable-chunked-prefill", "--no-enable-prefix-caching",
+                 "--logits-processors crvlm_sdk.serving.vllm:CrvlmLogitsProcessor", "--max-model-len 512",
+                 f"CRVLM_BUNDLES={tmp_path / 'a'}"):
+        assert flag in dry.stdout
+    assert runner.invoke(app, ["serve", "--model", "m", "--bundle", str(tmp_path / "nope")]).exit_code == 3
+    question = runner.invoke(app, ["serve", "--model", "m", "--bundle", str(tmp_path / "q"), "--dry-run"])
+    assert question.exit_code == 1 and "last prompt token only" in question.stderr
+    if importlib.util.find_spec("vllm") is None:
+        missing = runner.invoke(app, ["serve", "--model", "m", "--bundle", str(tmp_path / "a")])
+        assert missing.exit_code == 1 and "vLLM is not installed" in missing.stderr

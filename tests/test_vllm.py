@@ -111,3 +111,70 @@ def test_requests_name_bundles_as_a_list_of_strings():
     assert requested_bundles({EXTRA_ARGS_KEY: "a"}) == ("a",)
     with pytest.raises(CrvlmError, match="list of bundle names"):
         requested_bundles({EXTRA_ARGS_KEY: [1]})
+
+
+def test_the_openai_server_steers_each_request_by_its_vllm_xargs(served, tmp_path):
+    """`crvlm serve`: vLLM's OpenAI server with the crvlm plugin; concurrent requests, each naming
+    its bundles in `vllm_xargs` (or none), get Steerer.generate's text."""
+    import json
+    import shutil
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    from crvlm_sdk.bundle.manifest import ResponseSpec
+
+    adapter, _, _, root = served
+    a = make_bundle(adapter, name="a", layers=(6,), gate_layer=3, alpha=40.0, seed=0, decode_steps=6)
+    c = make_bundle(adapter, name="c", layers=(8,), gate_layer=(20, 25), alpha=100.0, seed=1)
+    c.manifest.response = ResponseSpec(mode="steer", opening="I'm sorry, but", stop_sentences=1)
+    paths = [str(a.save(tmp_path / "a")), str(c.save(tmp_path / "c"))]
+    selections = [["c"], ["a", "c"], [], ["c"], ["a"]]
+    expected = Steerer(adapter, [a, c]).generate(QUESTIONS, rows=selections, max_new_tokens=NEW_TOKENS)
+    assert expected[0].startswith("I'm sorry, but"), "the gate must refuse a row, or shaping goes untested"
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    model_dir = str(root / "smollm2")
+    crvlm = shutil.which("crvlm")
+    assert crvlm, "the crvlm command is installed in this environment"
+    log = (tmp_path / "server.log").open("w")
+    command = [crvlm, "serve", "--model", model_dir, "--port", str(port)]
+    for path in paths:
+        command += ["--bundle", path]
+    command += ["--dtype", "float32", "--max-model-len", "512", "--gpu-memory-utilization", "0.3", "--seed", "0"]
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up in 300 s"
+            time.sleep(1)
+        batch = adapter.build_prompts(QUESTIONS)
+        prompts = [row[m.bool()].tolist() for row, m in zip(batch.inputs["input_ids"], batch.inputs["attention_mask"],
+                                                             strict=True)]
+
+        def complete(i: int) -> str:
+            body = {"model": model_dir, "prompt": prompts[i], "max_tokens": NEW_TOKENS, "temperature": 0,
+                    "vllm_xargs": {EXTRA_ARGS_KEY: selections[i]}}
+            request = urllib.request.Request(f"{base}/v1/completions", json.dumps(body).encode(),
+                                             {"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return json.loads(response.read())["choices"][0]["text"].strip()
+
+        with ThreadPoolExecutor(len(QUESTIONS)) as pool:
+            assert list(pool.map(complete, range(len(QUESTIONS)))) == expected
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()

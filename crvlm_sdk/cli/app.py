@@ -521,6 +521,47 @@ def export_llamacpp_cmd(
         err_console.print("[yellow]Every question will be steered toward refusing, in scope or not.[/]")
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@user_errors
+def serve(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Option(help="model directory or hub id vLLM serves")],
+    bundle: Annotated[list[Path], typer.Option(help="bundle directory (repeatable); requests pick by name")],
+    port: Annotated[int, typer.Option(help="HTTP port")] = 8000,
+    dry_run: Annotated[bool, typer.Option(help="print the vLLM command instead of running it")] = False,
+) -> None:
+    """Start vLLM's OpenAI-compatible server with bundles; each request names its own with
+    "vllm_xargs": {"crvlm": ["NAME", ...]}. Extra options go to vLLM."""
+    import importlib.util
+    import os
+    import shlex
+    import sys
+
+    from crvlm_sdk.bundle.artifact import Bundle
+    from crvlm_sdk.serving.vllm import BUNDLES_ENV, LOGITS_PROCESSOR, check_servable
+
+    names = []
+    for path in bundle:
+        loaded = Bundle.load(path)
+        check_servable(loaded)
+        names.append(loaded.name)
+    if len(set(names)) != len(names):
+        raise CrvlmError(f"two bundles share a policy name in {names}; requests choose bundles by name")
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
+               "--enforce-eager", "--no-enable-chunked-prefill", "--no-enable-prefix-caching",
+               "--logits-processors", LOGITS_PROCESSOR, *ctx.args]
+    env_value = os.pathsep.join(str(p.resolve()) for p in bundle)
+    if dry_run:
+        print(f"{BUNDLES_ENV}={shlex.quote(env_value)} {shlex.join(command)}")
+        return
+    if importlib.util.find_spec("vllm") is None:
+        raise CrvlmError("vLLM is not installed in this environment",
+                         hint="pip install 'crvlm[vllm]' (on a CPU machine: bash scripts/setup_vllm.sh)")
+    console.print(Text(f"serving {model} with bundles {', '.join(names)} on port {port}; a request picks them "
+                       f'with "vllm_xargs": {{"crvlm": [...]}}'))
+    os.execve(sys.executable, command, {**os.environ, BUNDLES_ENV: env_value})
+
+
 @app.command("demo-model")
 @user_errors
 def demo_model_cmd(

@@ -26,6 +26,7 @@ must produce next.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Any
@@ -176,43 +177,89 @@ def _decoder_layers(model: torch.nn.Module) -> Sequence[torch.nn.Module]:
     return layers
 
 
+def install(runner: Any, vllm_config: Any, bundle_paths: Sequence[str | Path]) -> VllmSteering:
+    """Load bundles for one model runner and hook them in (refusing what would steer wrongly)."""
+    global _ACTIVE
+    check_engine_config(vllm_config)
+    config = runner.model_config.hf_config
+    text = getattr(config, "text_config", config)
+    bundles = [Bundle.load(path) for path in bundle_paths]
+    if not bundles:
+        raise CrvlmError("no bundles to serve", hint="name at least one bundle")
+    for bundle in bundles:
+        check_servable(bundle)
+        m = bundle.manifest.backbone
+        if (m.hidden_size, m.num_layers) != (text.hidden_size, text.num_hidden_layers):
+            raise CrvlmError(f"bundle {bundle.name!r} was built for a model with hidden size {m.hidden_size} and "
+                             f"{m.num_layers} layers; vLLM serves one with {text.hidden_size} and "
+                             f"{text.num_hidden_layers}", hint="rebuild the bundle for this model")
+    core = SteeringCore(bundles)
+    responses = None
+    if any(b.manifest.response.shapes for b in bundles):
+        responses = _responses(core, bundles, runner.model_config)
+    steering = VllmSteering(runner, core, responses)
+    steering.install()
+    _ACTIVE = steering
+    return steering
+
+
+def uninstall(steering: VllmSteering) -> None:
+    global _ACTIVE
+    steering.remove()
+    if _ACTIVE is steering:
+        _ACTIVE = None
+
+
+#: environment variable naming the bundles (``os.pathsep``-separated) the vLLM plugin loads
+BUNDLES_ENV = "CRVLM_BUNDLES"
+
+
+def vllm_plugin() -> None:
+    """The ``vllm.general_plugins`` entry point (runs in every vLLM process): with
+    ``CRVLM_BUNDLES`` set, every model runner loads those bundles right after its model, so
+    ``vllm serve`` / the OpenAI server steer per request (``vllm_xargs: {"crvlm": [...]}``)."""
+    if not os.environ.get(BUNDLES_ENV):
+        return
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    classes: list[type] = [GPUModelRunner]
+    with contextlib.suppress(ImportError):
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+        classes.append(CPUModelRunner)
+    for cls in classes:
+        if "load_model" in vars(cls) and not getattr(vars(cls)["load_model"], "_crvlm", False):
+            cls.load_model = _loading_bundles(vars(cls)["load_model"])
+
+
+def _loading_bundles(load_model: Any) -> Any:
+    def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = load_model(self, *args, **kwargs)
+        if getattr(self, "_crvlm_steering", None) is None:
+            paths = [p for p in os.environ.get(BUNDLES_ENV, "").split(os.pathsep) if p]
+            self._crvlm_steering = install(self, self.vllm_config, paths)
+        return out
+
+    wrapped._crvlm = True  # type: ignore[attr-defined]
+    return wrapped
+
+
 class CrvlmWorkerExtension:
     """Mixed into vLLM's worker (``LLM(..., worker_extension_cls=WORKER_EXTENSION)``); its methods
     run in every worker through ``collective_rpc``."""
 
     def crvlm_load(self, bundle_paths: Sequence[str]) -> dict[str, Any]:
-        check_engine_config(self.vllm_config)  # type: ignore[attr-defined]
-        runner = self.model_runner  # type: ignore[attr-defined]
-        config = runner.model_config.hf_config
-        text = getattr(config, "text_config", config)
-        bundles = [Bundle.load(path) for path in bundle_paths]
-        for bundle in bundles:
-            check_servable(bundle)
-            m = bundle.manifest.backbone
-            if (m.hidden_size, m.num_layers) != (text.hidden_size, text.num_hidden_layers):
-                raise CrvlmError(f"bundle {bundle.name!r} was built for a model with hidden size {m.hidden_size} and "
-                                 f"{m.num_layers} layers; vLLM serves one with {text.hidden_size} and "
-                                 f"{text.num_hidden_layers}", hint="rebuild the bundle for this model")
         self.crvlm_unload()
-        core = SteeringCore(bundles)
-        responses = None
-        if any(b.manifest.response.shapes for b in bundles):
-            responses = _responses(core, bundles, runner.model_config)
-        steering = VllmSteering(runner, core, responses)
-        steering.install()
-        global _ACTIVE
-        self._crvlm = _ACTIVE = steering
-        return {"bundles": core.names, "layers": core.layers}
+        steering = install(self.model_runner, self.vllm_config, bundle_paths)  # type: ignore[attr-defined]
+        self._crvlm = steering
+        return {"bundles": steering.core.names, "layers": steering.core.layers}
 
     def crvlm_unload(self) -> None:
         """Remove crvlm's hooks (the model is served as plain vLLM until the next load)."""
-        global _ACTIVE
         steering = getattr(self, "_crvlm", None)
         if steering is not None:
-            steering.remove()
+            uninstall(steering)
             self._crvlm = None
-            if _ACTIVE is steering:
-                _ACTIVE = None
 
     def crvlm_forwards(self) -> int:
         steering = getattr(self, "_crvlm", None)
@@ -298,6 +345,9 @@ class CrvlmLogitsProcessor(_logits_processor_base() if _HAS_VLLM else object):  
         steering = _ACTIVE
         if steering is None or steering.responses is None or not self.outputs:
             return logits
+        if steering.forwards == 0:
+            raise CrvlmError("crvlm's hooks did not run in vLLM's forward pass (a compiled or captured graph?)",
+                             hint="start vLLM with enforce_eager=True (--enforce-eager)")
         req_ids = steering.runner.input_batch.req_ids
         for index, output in self.outputs.items():
             if index >= logits.shape[0] or index >= len(req_ids):
