@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Install (scripts/setup.sh), lint, and run the whole test suite; then the vLLM tests in their
-# own environment (scripts/setup_vllm.sh; skip them with CRVLM_SKIP_VLLM=1).
+# Install (scripts/setup.sh), lint, and run the whole test suite; then the vLLM tests, with the
+# Steerer and serving-core tests again under vLLM's transformers pin, in their own environment
+# (scripts/setup_vllm.sh; skip them with CRVLM_SKIP_VLLM=1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -12,5 +13,5 @@ deactivate
 if [ "${CRVLM_SKIP_VLLM:-0}" != "1" ]; then
   bash scripts/setup_vllm.sh
   . .venv-vllm/bin/activate
-  VLLM_ENABLE_V1_MULTIPROCESSING=0 python -m pytest -q tests/test_vllm.py -p no:cacheprovider
+  VLLM_ENABLE_V1_MULTIPROCESSING=0 python -m pytest -q -p no:cacheprovider tests/test_vllm.py tests/test_serving_core.py tests/test_steerer.py
 fi
