@@ -17,7 +17,7 @@ from crvlm_plugins.gates import AlwaysGate
 from crvlm_sdk.bundle.manifest import ResponseSpec
 from crvlm_sdk.cli.app import app
 from crvlm_sdk.errors import ExportError
-from crvlm_sdk.export.llamacpp import export_llamacpp, read_control_vector
+from crvlm_sdk.export.llamacpp import export_llamacpp, read_control_vector, write_control_vector
 
 runner = CliRunner()
 
@@ -76,7 +76,7 @@ def test_overwrite_replaces_only_a_control_vector_crvlm_wrote(tiny_llama, tmp_pa
     np.testing.assert_array_equal(read_control_vector(target)[1][1], (2.0 * second.vectors[1]).numpy())
 
     model = tmp_path / "model.gguf"  # a control vector crvlm did not write
-    _write_directions(model, {1: np.ones(4, dtype=np.float32)})
+    write_control_vector(model, {1: np.ones(4, dtype=np.float32)})
     notes = tmp_path / "notes.txt"
     notes.write_text("mine")
     for other in (model, notes, tmp_path):
@@ -141,7 +141,7 @@ def test_llamacpp_with_the_exported_vector_says_what_the_steerer_says(tmp_path):
     cv = export_llamacpp(bundle, tmp_path / "cv.gguf").path
     _, directions = read_control_vector(cv)
     shifted = tmp_path / "shifted.gguf"  # what an off-by-one layer convention would write
-    _write_directions(shifted, {layer + 1: d for layer, d in directions.items()})
+    write_control_vector(shifted, {layer + 1: d for layer, d in directions.items()})
     steerer = Steerer(adapter, [bundle])
     questions = ["What is the capital of France?", "How do I boil an egg?", "Name a famous painter."]
     plain = steerer.generate(questions, steer=False, max_new_tokens=16)
@@ -153,17 +153,6 @@ def test_llamacpp_with_the_exported_vector_says_what_the_steerer_says(tmp_path):
     assert [run(p, None) for p in prompts] == plain
     assert [run(p, cv) for p in prompts] == steered
     assert [run(p, shifted) for p in prompts] != steered
-
-
-def _write_directions(path: Path, directions: dict[int, np.ndarray]) -> None:
-    writer = gguf.GGUFWriter(str(path), "controlvector")
-    writer.add_uint32("controlvector.layer_count", len(directions))
-    for layer, direction in directions.items():
-        writer.add_tensor(f"direction.{layer}", direction)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
 
 
 def _float32_copy(source: Path, target: Path) -> Path:

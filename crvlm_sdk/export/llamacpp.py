@@ -19,10 +19,12 @@ What carries over: the additive push ``α·v_l`` at each band layer. What cannot
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 
 from crvlm_sdk import __version__
@@ -92,8 +94,6 @@ CONTROL_VECTOR = FileArtifact("llama.cpp control vector", _is_control_vector, Ex
 def export_llamacpp(bundle: Bundle | str | Path, out: str | Path, *, overwrite: bool = False) -> ControlVector:
     """Write ``bundle``'s steering as a llama.cpp control-vector GGUF (see the module text for
     what is lost). The file is written whole or not at all."""
-    import gguf
-
     if not isinstance(bundle, Bundle):
         bundle = Bundle.load(bundle)
     directions = control_directions(bundle)
@@ -101,34 +101,40 @@ def export_llamacpp(bundle: Bundle | str | Path, out: str | Path, *, overwrite: 
     target = Path(out)
     CONTROL_VECTOR.check_replaceable(target, overwrite=overwrite)  # before any work
     dropped = dropped_features(bundle)
+    metadata: dict[str, Any] = {
+        f"{ARCHITECTURE}.model_hint": m.backbone.model_type, BUNDLE_KEY: m.policy.name, "crvlm.version": __version__,
+        "crvlm.policy_subject": m.policy.subject, "crvlm.base_model": m.base_model_name_or_path,
+        "crvlm.first_layer_sha256": m.backbone.first_layer_sha256,
+        "crvlm.bundle_tensors_sha256": m.tensors_sha256,  # set once the bundle is saved
+        "crvlm.alpha": float(m.alpha), "crvlm.dropped": dropped}
     with atomic_file(target, CONTROL_VECTOR, overwrite=overwrite) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), ARCHITECTURE)
-        writer.add_string(f"{ARCHITECTURE}.model_hint", m.backbone.model_type)
-        writer.add_uint32(f"{ARCHITECTURE}.layer_count", len(directions))
-        writer.add_string(BUNDLE_KEY, m.policy.name)
-        writer.add_string("crvlm.version", __version__)
-        writer.add_string("crvlm.policy_subject", m.policy.subject)
-        if m.base_model_name_or_path:
-            writer.add_string("crvlm.base_model", m.base_model_name_or_path)
-        writer.add_string("crvlm.first_layer_sha256", m.backbone.first_layer_sha256)
-        if m.tensors_sha256:  # set once the bundle is saved
-            writer.add_string("crvlm.bundle_tensors_sha256", m.tensors_sha256)
-        writer.add_float32("crvlm.alpha", float(m.alpha))
-        if dropped:
-            writer.add_array("crvlm.dropped", dropped)
-        for layer, direction in directions.items():
-            writer.add_tensor(f"direction.{layer}", direction)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        write_control_vector(tmp, directions, {k: v for k, v in metadata.items() if v not in ("", [])})
     return ControlVector(target, list(directions), dropped)
+
+
+def write_control_vector(path: str | Path, directions: Mapping[int, np.ndarray],
+                         metadata: Mapping[str, str | float | list[str]] | None = None) -> None:
+    """A control-vector GGUF: ``direction.N`` per layer, plus string, float and string-list
+    metadata."""
+    writer = gguf.GGUFWriter(str(path), ARCHITECTURE)
+    writer.add_uint32(f"{ARCHITECTURE}.layer_count", len(directions))
+    for key, value in (metadata or {}).items():
+        if isinstance(value, str):
+            writer.add_string(key, value)
+        elif isinstance(value, float):
+            writer.add_float32(key, value)
+        else:
+            writer.add_array(key, list(value))
+    for layer, direction in directions.items():
+        writer.add_tensor(f"direction.{layer}", np.asarray(direction, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
 
 def read_control_vector(path: str | Path) -> tuple[dict[str, Any], dict[int, np.ndarray]]:
     """Metadata and ``{layer: direction}`` of a control-vector GGUF (for tests and checks)."""
-    import gguf
-
     reader = gguf.GGUFReader(str(path))
     meta = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
     directions = {}
