@@ -42,7 +42,7 @@ def served(tmp_path_factory):
     a = make_bundle(adapter, name="a", layers=(6,), gate_layer=3, alpha=40.0, seed=0, decode_steps=6)
     b = make_bundle(adapter, name="b", layers=(8,), gate_layer=(20, 25), alpha=100.0, seed=1)
     paths = [a.save(root / "a"), b.save(root / "b")]
-    llm = steered_llm(model_dir, paths, dtype="float32", max_model_len=512, gpu_memory_utilization=0.3, seed=0)
+    llm = steered_llm(model_dir, paths, dtype="float32", max_model_len=512, kv_cache_memory_bytes=1 << 30, seed=0)
     yield adapter, Steerer(adapter, [a, b]), llm, root
     llm.collective_rpc("crvlm_load", args=([str(p) for p in paths],))
 
@@ -178,3 +178,30 @@ def test_the_openai_server_steers_each_request_by_its_vllm_xargs(served, tmp_pat
         server.terminate()
         server.wait(timeout=60)
         log.close()
+
+
+def test_a_tiny_random_llama_with_head_dim_64_matches_too(served, tmp_path):
+    """The smallest model vLLM's CPU attention takes (head_dim 64), random weights: steering by
+    the same vectors gives the same tokens as the Steerer (gates in the same pass and above the band)."""
+    from crvlm_sdk import testing
+    from crvlm_sdk.models.loading import load_model
+    from crvlm_sdk.plugins.adapters import adapter_for
+
+    _, _, llm, root = served
+    del llm  # one engine at a time: the tiny model gets its own
+    model_dir = testing.build_tiny_causal_lm(tmp_path / "tiny", root / "smollm2", layers=4, hidden=256)
+    model, tokenizer = load_model(model_dir)
+    adapter = adapter_for(model, tokenizer)
+    a = make_bundle(adapter, name="a", layers=(1, 2), gate_layer=0, alpha=4.0, seed=0, decode_steps=4)
+    b = make_bundle(adapter, name="b", layers=(1,), gate_layer=3, alpha=4.0, seed=1)
+    selections = [["a"], ["a", "b"], [], ["b"], ["b"]]
+    steerer = Steerer(adapter, [a, b])
+    expected = steerer.generate(QUESTIONS, rows=selections, max_new_tokens=NEW_TOKENS)
+    plain = steerer.generate(QUESTIONS, steer=False, max_new_tokens=NEW_TOKENS)
+    assert sum(e != p for e, p in zip(expected, plain, strict=True)) >= 2 and expected[2] == plain[2]
+    tiny = steered_llm(model_dir, [a.save(tmp_path / "a"), b.save(tmp_path / "b")], dtype="float32",
+                       max_model_len=512, kv_cache_memory_bytes=256 << 20, seed=0)
+    try:
+        assert _vllm_texts(adapter, tiny, QUESTIONS, selections) == expected
+    finally:
+        del tiny
