@@ -1,0 +1,79 @@
+"""The flag-less example bundles served by vLLM, against Steerer.generate on their test questions.
+
+Run (in the vLLM environment, after building the bundles with the flag-less command):
+
+    VLLM_ENABLE_V1_MULTIPROCESSING=0 .venv-vllm/bin/python benchmarks/vllm_parity_real.py \
+        --policies cooking,travel [--per-policy 30]
+
+The default bundles use everything the vLLM integration has to get right at once: the rotation
+operator, gates read above the band (the unsteered pre-pass), a forced opening and a stop after
+one sentence. Each policy's first test questions go into one vLLM batch, each naming its own
+policy's bundle; every answer must equal the Steerer's (greedy, 48 new tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the float32 checkpoint helper of tests/test_vllm.py
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--policies", default="cooking,travel")
+    parser.add_argument("--bundles", type=Path, default=ROOT / "bundles")
+    parser.add_argument("--per-policy", type=int, default=30)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "vllm_parity_real.json")
+    args = parser.parse_args()
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from test_vllm import _save_float32
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from crvlm_sdk.bundle.artifact import Bundle
+    from crvlm_sdk.models.loading import load_model
+    from crvlm_sdk.plugins.adapters import adapter_for
+    from crvlm_sdk.serving.vllm import EXTRA_ARGS_KEY, steered_llm
+    from crvlm_sdk.steering.steerer import Steerer
+
+    names = args.policies.split(",")
+    model, tokenizer = load_model("smollm2")
+    adapter = adapter_for(model, tokenizer)
+    bundles = [Bundle.load(args.bundles / name, adapter=adapter) for name in names]
+    questions, selections = [], []
+    for name in names:
+        rows = [json.loads(line) for line in (ROOT / "examples" / "policies" / name / "test.jsonl").open()]
+        questions += [r["question"] for r in rows[: args.per_policy]]
+        selections += [[name]] * min(args.per_policy, len(rows))
+    expected = Steerer(adapter, bundles).generate(questions, rows=selections, max_new_tokens=48)
+    model_dir = _save_float32(model, tokenizer, Path(tempfile.mkdtemp(prefix="parity-")) / "smollm2")
+    llm = steered_llm(model_dir, [args.bundles / n for n in names], dtype="float32", max_model_len=512,
+                      kv_cache_memory_bytes=1 << 30, seed=0)
+    batch = adapter.build_prompts(questions)
+    prompts = [TokensPrompt(prompt_token_ids=row[m.bool()].tolist())
+               for row, m in zip(batch.inputs["input_ids"], batch.inputs["attention_mask"], strict=True)]
+    params = [SamplingParams(temperature=0.0, max_tokens=48, extra_args={EXTRA_ARGS_KEY: s}) for s in selections]
+    served = [adapter.decode(list(o.outputs[0].token_ids)).strip()
+              for o in llm.generate(prompts, params, use_tqdm=False)]
+    equal = sum(a == b for a, b in zip(served, expected, strict=True))
+    refusals = sum(e.startswith("I'm sorry, but") for e in expected)
+    print(f"{equal}/{len(questions)} answers equal; {refusals} of the Steerer's answers are refusals")
+    for q, a, b in zip(questions, served, expected, strict=True):
+        if a != b:
+            print(f"differs: {q!r}\n  vLLM:    {a!r}\n  Steerer: {b!r}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"policies": names, "questions": len(questions), "equal": equal,
+                                    "refusals": refusals, "answers": [{"question": q, "steerer": b, "vllm": a}
+                                                                      for q, a, b in zip(questions, served, expected,
+                                                                                         strict=True)]},
+                                   indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
