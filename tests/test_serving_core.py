@@ -212,18 +212,6 @@ def test_vllm_settings_that_would_steer_wrongly_are_refused(change, message):
         check_engine_config(_engine_config(**change))
 
 
-def test_vllm_refuses_bundles_it_cannot_serve_yet(tiny_llama):
-    from crvlm_sdk.serving.vllm import check_servable
-
-    _, _, adapter = tiny_llama
-    check_servable(make_bundle(adapter))
-    shaped = make_bundle(adapter)
-    shaped.manifest.response = ResponseSpec(mode="steer", opening="Sorry,", stop_sentences=1)
-    check_servable(shaped)  # response shaping is served (tests/test_vllm.py)
-    with pytest.raises(CrvlmError, match="last prompt token only"):
-        check_servable(_question_bundle(adapter, (0,), (1,)))
-
-
 def test_crvlm_serve_starts_vllm_with_the_settings_steering_needs(tiny_llama, tmp_path):
     import importlib.util
 
@@ -233,7 +221,6 @@ def test_crvlm_serve_starts_vllm_with_the_settings_steering_needs(tiny_llama, tm
 
     _, _, adapter = tiny_llama
     make_bundle(adapter, name="a").save(tmp_path / "a")
-    _question_bundle(adapter, (0,), (1,)).save(tmp_path / "q")
     runner = CliRunner()
     dry = runner.invoke(app, ["serve", "--model", "m", "--bundle", str(tmp_path / "a"), "--dry-run",
                               "--max-model-len", "512"])
@@ -243,8 +230,9 @@ def test_crvlm_serve_starts_vllm_with_the_settings_steering_needs(tiny_llama, tm
                  f"CRVLM_BUNDLES={tmp_path / 'a'}"):
         assert flag in dry.stdout
     assert runner.invoke(app, ["serve", "--model", "m", "--bundle", str(tmp_path / "nope")]).exit_code == 3
-    question = runner.invoke(app, ["serve", "--model", "m", "--bundle", str(tmp_path / "q"), "--dry-run"])
-    assert question.exit_code == 1 and "last prompt token only" in question.stderr
+    twice = runner.invoke(app, ["serve", "--model", "m", "--bundle", str(tmp_path / "a"), "--bundle",
+                                str(tmp_path / "a"), "--dry-run"])
+    assert twice.exit_code == 1 and "share a policy name" in twice.stderr
     if importlib.util.find_spec("vllm") is None:
         missing = runner.invoke(app, ["serve", "--model", "m", "--bundle", str(tmp_path / "a")])
         assert missing.exit_code == 1 and "vLLM is not installed" in missing.stderr

@@ -106,6 +106,33 @@ def test_refused_requests_get_the_steerers_opening_stop_and_template(served):
     assert _vllm_texts(adapter, llm, QUESTIONS, selections) == expected
 
 
+def test_gates_that_read_the_question_find_it_in_vllms_prompt_ids(served):
+    from test_gate_features import _question_bundle
+
+    adapter, _, llm, root = served
+    q = _question_bundle(adapter, (20, 25), (6,))
+    q.manifest.alpha = 60.0
+    a = make_bundle(adapter, name="a", layers=(6,), gate_layer=3, alpha=40.0, seed=0, decode_steps=6)
+    llm.collective_rpc("crvlm_load", args=([str(q.save(root / "q")), str(a.save(root / "a-again"))],))
+    selections = [["q"], ["q", "a"], [], ["q"], ["a"]]
+    steerer = Steerer(adapter, [q, a])
+    expected = steerer.generate(QUESTIONS, rows=selections, max_new_tokens=NEW_TOKENS)
+    plain = steerer.generate(QUESTIONS, steer=False, max_new_tokens=NEW_TOKENS)
+    assert any(e != p for e, p, s in zip(expected, plain, selections, strict=True) if "q" in s), \
+        "the question gate must steer some row, or the comparison proves nothing"
+    llm.collective_rpc("crvlm_record_gates")
+    assert _vllm_texts(adapter, llm, QUESTIONS, selections) == expected
+    recorded = llm.collective_rpc("crvlm_record_gates")[0]
+    scores = steerer.gate_scores(QUESTIONS)
+    batch = adapter.build_prompts(QUESTIONS)
+    for i, (row, mask) in enumerate(zip(batch.inputs["input_ids"], batch.inputs["attention_mask"], strict=True)):
+        if not selections[i]:
+            continue
+        gates = recorded[tuple(row[mask.bool()].tolist())]
+        for name in selections[i]:  # the gate values themselves, question span included
+            assert gates[name] == pytest.approx(float(scores[name][i]), abs=1e-4)
+
+
 def test_requests_name_bundles_as_a_list_of_strings():
     assert requested_bundles(None) == () == requested_bundles({})
     assert requested_bundles({EXTRA_ARGS_KEY: "a"}) == ("a",)

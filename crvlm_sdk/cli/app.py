@@ -538,13 +538,11 @@ def serve(
     import sys
 
     from crvlm_sdk.bundle.artifact import Bundle
-    from crvlm_sdk.serving.vllm import BUNDLES_ENV, LOGITS_PROCESSOR, check_servable
+    from crvlm_sdk.serving.vllm import BUNDLES_ENV, LOGITS_PROCESSOR
 
     names = []
     for path in bundle:
-        loaded = Bundle.load(path)
-        check_servable(loaded)
-        names.append(loaded.name)
+        names.append(Bundle.load(path).name)
     if len(set(names)) != len(names):
         raise CrvlmError(f"two bundles share a policy name in {names}; requests choose bundles by name")
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),

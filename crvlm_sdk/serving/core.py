@@ -109,6 +109,8 @@ class SteeringCore:
         self.specs = [b.manifest for b in bundles]
         self._opener = tuple(question_opener)
         self._skip = set(skip_ids)
+        #: whether some gate reads the question's tokens (then prompts need their ``prompt_ids``)
+        self.reads_question = any(g.features == "last+question" for g in self.gates)
         steered_layers = {layer for m in self.specs if m.response.steers for layer in m.layers}
         #: bundles whose gate must be read in an unsteered pre-pass (a gate layer at or above a band)
         self.needs_prepass = [bool(steered_layers) and gate_needs_prepass(g.layers, steered_layers) for g in self.gates]

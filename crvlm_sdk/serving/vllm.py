@@ -15,8 +15,6 @@ What is refused rather than served wrongly, each with one line when the engine i
 - chunked prefill: a prompt's first chunks would run before its gate is read;
 - prefix caching: a cached prompt prefix keeps keys and values computed under another
   request's bundles and gate value;
-- bundles whose gate reads the question's tokens: not served by this integration yet.
-
 Response shaping (forced opening, stop after n sentences, template answers) is applied per
 request by :class:`CrvlmLogitsProcessor`, a vLLM logits processor registered with the engine:
 it asks :class:`~crvlm_sdk.serving.core.RequestResponses` which token each refused request
@@ -37,7 +35,7 @@ from crvlm_sdk.activations.hooks import StopForward
 from crvlm_sdk.bundle.artifact import Bundle
 from crvlm_sdk.errors import CrvlmError
 from crvlm_sdk.serving.core import RequestResponses, Rows, SteeringCore
-from crvlm_sdk.steering.response import sentence_end_ids
+from crvlm_sdk.steering.response import end_of_sequence_id, sentence_end_ids
 
 #: the steering of this worker process (one model runner per vLLM worker), for the logits processor
 _ACTIVE: VllmSteering | None = None
@@ -61,15 +59,6 @@ def requested_bundles(extra_args: dict[str, Any] | None) -> tuple[str, ...]:
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
         raise CrvlmError(f"extra_args[{EXTRA_ARGS_KEY!r}] must be a list of bundle names, got {value!r}")
     return tuple(value)
-
-
-def check_servable(bundle: Bundle) -> None:
-    """Refuse what this integration cannot serve exactly as the Steerer would."""
-    m = bundle.manifest
-    if m.gate.features != "last":
-        raise CrvlmError(f"bundle {bundle.name!r}: its gate reads {m.gate.features!r} features; the vLLM "
-                         "integration reads the last prompt token only (for now)",
-                         hint="build the bundle with the default gate features")
 
 
 def check_engine_config(vllm_config: Any) -> None:
@@ -103,10 +92,16 @@ class VllmSteering:
         self._seen: set[Hashable] = set()
         self._inside = False
         self.forwards = 0  # steered forward calls (the canary checks it moves)
+        #: with ``record_gates`` on, each request's gate values by its prompt's token ids (a host
+        #: sync per prompt step; for checks, not for serving)
+        self.record_gates = False
+        self.recorded: dict[tuple[int, ...], dict[str, float]] = {}
+        self._prompts_now: list[tuple[Hashable, tuple[int, ...]]] = []
         self._handles: list[Any] = []
 
     def install(self) -> None:
         self._handles.append(self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(self._post_forward))
         for layer in self.core.layers:
             self._handles.append(self.layers[layer].register_forward_hook(self._layer_hook(layer)))
 
@@ -127,8 +122,13 @@ class VllmSteering:
                 continue
             params = self.runner.requests[req_id].sampling_params
             names = requested_bundles(getattr(params, "extra_args", None))
-            rows.append(Rows(req_id, starts[i], count, int(batch.num_computed_tokens_cpu[i]),
-                             int(batch.num_prompt_tokens[i]), names))
+            position, prompt = int(batch.num_computed_tokens_cpu[i]), int(batch.num_prompt_tokens[i])
+            if self.record_gates and names and position < prompt:
+                self._prompts_now.append((req_id, tuple(int(t) for t in batch.token_ids_cpu[i, :prompt])))
+            ids = None
+            if self.core.reads_question and names and position < prompt:
+                ids = torch.from_numpy(batch.token_ids_cpu[i, :prompt].copy())
+            rows.append(Rows(req_id, starts[i], count, position, prompt, names, ids))
         for gone in self._seen - live:
             self.core.finish(gone)
             if self.responses is not None:
@@ -152,6 +152,13 @@ class VllmSteering:
                 pass
             finally:
                 self._inside = False
+
+    def _post_forward(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        if self._inside:
+            return
+        for key, prompt_ids in self._prompts_now:
+            self.recorded[prompt_ids] = self.core.p(key)
+        self._prompts_now = []
 
     def _layer_hook(self, layer: int):
         core = self.core
@@ -187,16 +194,17 @@ def install(runner: Any, vllm_config: Any, bundle_paths: Sequence[str | Path]) -
     if not bundles:
         raise CrvlmError("no bundles to serve", hint="name at least one bundle")
     for bundle in bundles:
-        check_servable(bundle)
         m = bundle.manifest.backbone
         if (m.hidden_size, m.num_layers) != (text.hidden_size, text.num_hidden_layers):
             raise CrvlmError(f"bundle {bundle.name!r} was built for a model with hidden size {m.hidden_size} and "
                              f"{m.num_layers} layers; vLLM serves one with {text.hidden_size} and "
                              f"{text.num_hidden_layers}", hint="rebuild the bundle for this model")
-    core = SteeringCore(bundles)
+    adapter = served_adapter(runner.model_config)
+    core = SteeringCore(bundles, question_opener=adapter.question_opener(),
+                        skip_ids=frozenset(adapter.image_token_ids()))
     responses = None
     if any(b.manifest.response.shapes for b in bundles):
-        responses = _responses(core, bundles, runner.model_config)
+        responses = _responses(core, bundles, adapter, runner.model_config.get_vocab_size())
     steering = VllmSteering(runner, core, responses)
     steering.install()
     _ACTIVE = steering
@@ -261,49 +269,55 @@ class CrvlmWorkerExtension:
             uninstall(steering)
             self._crvlm = None
 
+    def crvlm_record_gates(self) -> dict[tuple[int, ...], dict[str, float]]:
+        """Start recording each request's gate values; returns (and clears) those recorded so far."""
+        steering = self._crvlm
+        if steering is None:
+            raise CrvlmError("no bundles are loaded")
+        steering.record_gates = True
+        recorded, steering.recorded = steering.recorded, {}
+        return recorded
+
     def crvlm_forwards(self) -> int:
         steering = getattr(self, "_crvlm", None)
         return 0 if steering is None else steering.forwards
 
 
-class _TokenizerText:
-    """The two text operations response shaping needs, as crvlm's chat adapters do them."""
+def served_adapter(model_config: Any) -> Any:
+    """crvlm's adapter for the served model, over a weightless (meta-device) copy of it: the chat
+    template, tokenizer and special-token ids are what the build used, so question spans,
+    forced tokens and sentence ends match the Steerer's."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
+    from crvlm_sdk.plugins.adapters import adapter_for
 
-    def encode_text(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+    config = AutoConfig.from_pretrained(model_config.model)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    skeleton.generation_config = _generation_config(model_config.model)
+    return adapter_for(skeleton, AutoTokenizer.from_pretrained(model_config.tokenizer))
 
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+def _generation_config(path: str) -> Any:
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(path)
+    except OSError:  # no generation_config.json: end-of-sequence comes from the tokenizer
+        return GenerationConfig()
 
 
-def _responses(core: SteeringCore, bundles: Sequence[Bundle], model_config: Any) -> RequestResponses:
-    """Forced tokens, sentence ends and end-of-sequence for the served model's tokenizer, chosen
-    as :class:`~crvlm_sdk.steering.steerer.Steerer` chooses them for a transformers model."""
-    from transformers import AutoTokenizer, GenerationConfig
-
-    tokenizer = AutoTokenizer.from_pretrained(model_config.tokenizer)
-    text = _TokenizerText(tokenizer)
-    eos: Any = None
-    with contextlib.suppress(OSError):  # no generation_config.json: the tokenizer's
-        eos = GenerationConfig.from_pretrained(model_config.model).eos_token_id
-    if isinstance(eos, (list, tuple)):
-        eos = eos[0] if eos else None
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    if eos is None:
-        raise CrvlmError("response shaping needs an end-of-sequence token and the served model has none")
+def _responses(core: SteeringCore, bundles: Sequence[Bundle], adapter: Any, vocab: int) -> RequestResponses:
+    """Forced tokens, sentence ends and end-of-sequence, chosen as the Steerer chooses them."""
+    eos = end_of_sequence_id(adapter.model, adapter, None)
     forced = []
     for bundle in bundles:
         spec = bundle.manifest.response
         if spec.mode == "template":
-            forced.append([*text.encode_text(spec.message), int(eos)])
+            forced.append([*adapter.encode_text(spec.message), eos])
         else:
-            forced.append(text.encode_text(spec.opening) if spec.opening else [])
-    vocab = model_config.get_vocab_size()
-    return RequestResponses(core, forced, sentence_end_ids(text, vocab), int(eos))  # type: ignore[arg-type]
+            forced.append(adapter.encode_text(spec.opening) if spec.opening else [])
+    return RequestResponses(core, forced, sentence_end_ids(adapter, vocab), eos)
 
 
 def _logits_processor_base() -> type:
