@@ -133,6 +133,23 @@ def test_gates_that_read_the_question_find_it_in_vllms_prompt_ids(served):
             assert gates[name] == pytest.approx(float(scores[name][i]), abs=1e-4)
 
 
+def test_a_bundle_for_other_weights_is_refused_and_what_was_served_stays(served, tmp_path):
+    """The fingerprint is checked against the checkpoint vLLM serves (its first layer, read as
+    transformers names it); a refused load leaves the loaded bundles in place."""
+    from crvlm_sdk.bundle.artifact import Bundle
+
+    adapter, _, llm, root = served
+    llm.collective_rpc("crvlm_load", args=([str(root / "a")],))
+    other = make_bundle(adapter, name="other")
+    backbone = other.manifest.backbone
+    backbone.first_layer_sha256 = "0" * 64
+    backbone.first_layer_sketch = {k: [v * 1.5 for v in vals] for k, vals in backbone.first_layer_sketch.items()}
+    with pytest.raises(Exception, match="built for another model"):
+        llm.collective_rpc("crvlm_load", args=([str(other.save(tmp_path / "other"))],))
+    expected = Steerer(adapter, [Bundle.load(root / "a")]).generate(QUESTIONS, max_new_tokens=NEW_TOKENS)
+    assert _vllm_texts(adapter, llm, QUESTIONS, [["a"]] * len(QUESTIONS)) == expected
+
+
 def test_requests_name_bundles_as_a_list_of_strings():
     assert requested_bundles(None) == () == requested_bundles({})
     assert requested_bundles({EXTRA_ARGS_KEY: "a"}) == ("a",)

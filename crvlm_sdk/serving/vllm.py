@@ -184,28 +184,27 @@ def _decoder_layers(model: torch.nn.Module) -> Sequence[torch.nn.Module]:
     return layers
 
 
-def install(runner: Any, vllm_config: Any, bundle_paths: Sequence[str | Path]) -> VllmSteering:
-    """Load bundles for one model runner and hook them in (refusing what would steer wrongly)."""
-    global _ACTIVE
+def prepare(runner: Any, vllm_config: Any, bundle_paths: Sequence[str | Path]) -> VllmSteering:
+    """Load and check bundles for one model runner (refusing what would steer wrongly); nothing
+    is hooked in yet, so a failed load leaves what is served as it was."""
     check_engine_config(vllm_config)
-    config = runner.model_config.hf_config
-    text = getattr(config, "text_config", config)
     bundles = [Bundle.load(path) for path in bundle_paths]
     if not bundles:
         raise CrvlmError("no bundles to serve", hint="name at least one bundle")
-    for bundle in bundles:
-        m = bundle.manifest.backbone
-        if (m.hidden_size, m.num_layers) != (text.hidden_size, text.num_hidden_layers):
-            raise CrvlmError(f"bundle {bundle.name!r} was built for a model with hidden size {m.hidden_size} and "
-                             f"{m.num_layers} layers; vLLM serves one with {text.hidden_size} and "
-                             f"{text.num_hidden_layers}", hint="rebuild the bundle for this model")
     adapter = served_adapter(runner.model_config)
+    load_first_layer(adapter, runner.model_config)
+    for bundle in bundles:
+        bundle.check_model(adapter, where=f"bundle {bundle.name!r}")
     core = SteeringCore(bundles, question_opener=adapter.question_opener(),
                         skip_ids=frozenset(adapter.image_token_ids()))
     responses = None
     if any(b.manifest.response.shapes for b in bundles):
         responses = _responses(core, bundles, adapter, runner.model_config.get_vocab_size())
-    steering = VllmSteering(runner, core, responses)
+    return VllmSteering(runner, core, responses)
+
+
+def activate(steering: VllmSteering) -> VllmSteering:
+    global _ACTIVE
     steering.install()
     _ACTIVE = steering
     return steering
@@ -245,7 +244,7 @@ def _loading_bundles(load_model: Any) -> Any:
         out = load_model(self, *args, **kwargs)
         if getattr(self, "_crvlm_steering", None) is None:
             paths = [p for p in os.environ.get(BUNDLES_ENV, "").split(os.pathsep) if p]
-            self._crvlm_steering = install(self, self.vllm_config, paths)
+            self._crvlm_steering = activate(prepare(self, self.vllm_config, paths))
         return out
 
     wrapped._crvlm = True  # type: ignore[attr-defined]
@@ -257,9 +256,9 @@ class CrvlmWorkerExtension:
     run in every worker through ``collective_rpc``."""
 
     def crvlm_load(self, bundle_paths: Sequence[str]) -> dict[str, Any]:
+        steering = prepare(self.model_runner, self.vllm_config, bundle_paths)  # type: ignore[attr-defined]
         self.crvlm_unload()
-        steering = install(self.model_runner, self.vllm_config, bundle_paths)  # type: ignore[attr-defined]
-        self._crvlm = steering
+        self._crvlm = activate(steering)
         return {"bundles": steering.core.names, "layers": steering.core.layers}
 
     def crvlm_unload(self) -> None:
@@ -296,6 +295,41 @@ def served_adapter(model_config: Any) -> Any:
         skeleton = AutoModelForCausalLM.from_config(config)
     skeleton.generation_config = _generation_config(model_config.model)
     return adapter_for(skeleton, AutoTokenizer.from_pretrained(model_config.tokenizer))
+
+
+def load_first_layer(adapter: Any, model_config: Any) -> None:
+    """Give the weightless copy its first decoder layer from the served checkpoint, so the
+    bundles' backbone fingerprints are checked against the weights vLLM serves (vLLM fuses
+    them, so they are read from the checkpoint files, under the names transformers uses)."""
+    from safetensors import safe_open
+
+    first = adapter.decoder_layers()[0]
+    prefix = next(name for name, module in adapter.model.named_modules() if module is first) + "."
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(_checkpoint_dir(model_config.model).glob("*.safetensors")):
+        with safe_open(str(file), "pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                if key.startswith(prefix):
+                    tensors[key[len(prefix):]] = handle.get_tensor(key)
+    if not tensors:
+        raise CrvlmError(f"no weights named {prefix}* in the safetensors files of {model_config.model}; crvlm "
+                         "cannot check the bundles were built for the served model",
+                         hint="serve a transformers checkpoint (safetensors) of the model the bundles were built for")
+    first.to_empty(device="cpu")
+    try:
+        first.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        raise CrvlmError(f"the first layer of {model_config.model} does not load into {type(first).__name__}: "
+                         f"{str(exc).splitlines()[0]}") from None
+
+
+def _checkpoint_dir(model: str) -> Path:
+    path = Path(model)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(model, local_files_only=True, allow_patterns=["*.safetensors", "*.json"]))
 
 
 def _generation_config(path: str) -> Any:
@@ -357,7 +391,12 @@ class CrvlmLogitsProcessor(_logits_processor_base() if _HAS_VLLM else object):  
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         steering = _ACTIVE
-        if steering is None or steering.responses is None or not self.outputs:
+        if not self.outputs:
+            return logits
+        if steering is None:
+            raise CrvlmError("requests name crvlm bundles, but no bundles are loaded in this vLLM worker",
+                             hint="load bundles (crvlm serve --bundle, steered_llm, or collective_rpc('crvlm_load'))")
+        if steering.responses is None:
             return logits
         if steering.forwards == 0:
             raise CrvlmError("crvlm's hooks did not run in vLLM's forward pass (a compiled or captured graph?)",
