@@ -16,7 +16,7 @@ vllm = pytest.importorskip("vllm", reason="vLLM is not installed here (the vLLM 
 from conftest import make_bundle, needs_smollm2  # noqa: E402
 
 from crvlm_sdk.errors import CrvlmError  # noqa: E402
-from crvlm_sdk.serving.vllm import EXTRA_ARGS_KEY, requested_bundles, steered_llm  # noqa: E402
+from crvlm_sdk.serving.vllm import EXTRA_ARGS_KEY, load_bundles, requested_bundles, steered_llm  # noqa: E402
 from crvlm_sdk.steering.steerer import Steerer  # noqa: E402
 
 pytestmark = [needs_smollm2, pytest.mark.slow]
@@ -44,7 +44,7 @@ def served(tmp_path_factory):
     paths = [a.save(root / "a"), b.save(root / "b")]
     llm = steered_llm(model_dir, paths, dtype="float32", max_model_len=512, kv_cache_memory_bytes=1 << 30, seed=0)
     yield adapter, Steerer(adapter, [a, b]), llm, root
-    llm.collective_rpc("crvlm_load", args=([str(p) for p in paths],))
+    load_bundles(llm, paths)
 
 
 def _save_float32(model, tokenizer, target: Path) -> Path:
@@ -98,7 +98,7 @@ def test_refused_requests_get_the_steerers_opening_stop_and_template(served):
     d = make_bundle(adapter, name="d", layers=(8,), gate_layer=(20, 25), alpha=100.0, seed=1)
     d.manifest.response = ResponseSpec(mode="template", message="I can only help with testing.")
     paths = [str(c.save(root / "c")), str(d.save(root / "d"))]
-    llm.collective_rpc("crvlm_load", args=(paths,))
+    load_bundles(llm, paths)
     selections = [["d"], ["c", "d"], [], ["c"], ["c", "d"]]
     expected = Steerer(adapter, [c, d]).generate(QUESTIONS, rows=selections, max_new_tokens=NEW_TOKENS)
     assert expected[0] == expected[4] == "I can only help with testing."
@@ -113,7 +113,7 @@ def test_gates_that_read_the_question_find_it_in_vllms_prompt_ids(served):
     q = _question_bundle(adapter, (20, 25), (6,))
     q.manifest.alpha = 60.0
     a = make_bundle(adapter, name="a", layers=(6,), gate_layer=3, alpha=40.0, seed=0, decode_steps=6)
-    llm.collective_rpc("crvlm_load", args=([str(q.save(root / "q")), str(a.save(root / "a-again"))],))
+    load_bundles(llm, [q.save(root / "q"), a.save(root / "a-again")])
     selections = [["q"], ["q", "a"], [], ["q"], ["a"]]
     steerer = Steerer(adapter, [q, a])
     expected = steerer.generate(QUESTIONS, rows=selections, max_new_tokens=NEW_TOKENS)
@@ -139,15 +139,24 @@ def test_a_bundle_for_other_weights_is_refused_and_what_was_served_stays(served,
     from crvlm_sdk.bundle.artifact import Bundle
 
     adapter, _, llm, root = served
-    llm.collective_rpc("crvlm_load", args=([str(root / "a")],))
+    load_bundles(llm, [root / "a"])
     other = make_bundle(adapter, name="other")
     backbone = other.manifest.backbone
     backbone.first_layer_sha256 = "0" * 64
     backbone.first_layer_sketch = {k: [v * 1.5 for v in vals] for k, vals in backbone.first_layer_sketch.items()}
     with pytest.raises(Exception, match="built for another model"):
-        llm.collective_rpc("crvlm_load", args=([str(other.save(tmp_path / "other"))],))
+        load_bundles(llm, [other.save(tmp_path / "other")])
     expected = Steerer(adapter, [Bundle.load(root / "a")]).generate(QUESTIONS, max_new_tokens=NEW_TOKENS)
     assert _vllm_texts(adapter, llm, QUESTIONS, [["a"]] * len(QUESTIONS)) == expected
+
+
+def test_a_request_naming_an_unknown_bundle_fails_alone(served):
+    adapter, _, llm, root = served
+    load_bundles(llm, [root / "a"])
+    with pytest.raises(Exception, match="unknown crvlm bundles"):
+        _vllm_texts(adapter, llm, QUESTIONS[:1], [["nope"]])
+    assert _vllm_texts(adapter, llm, QUESTIONS[:1], [[]]) == Steerer(adapter, [make_bundle(adapter)]).generate(
+        QUESTIONS[:1], steer=False, max_new_tokens=NEW_TOKENS), "the engine keeps serving"
 
 
 def test_requests_name_bundles_as_a_list_of_strings():
@@ -165,6 +174,7 @@ def test_the_openai_server_steers_each_request_by_its_vllm_xargs(served, tmp_pat
     import socket
     import subprocess
     import time
+    import urllib.error
     import urllib.request
     from concurrent.futures import ThreadPoolExecutor
 
@@ -218,6 +228,13 @@ def test_the_openai_server_steers_each_request_by_its_vllm_xargs(served, tmp_pat
 
         with ThreadPoolExecutor(len(QUESTIONS)) as pool:
             assert list(pool.map(complete, range(len(QUESTIONS)))) == expected
+        body = {"model": model_dir, "prompt": prompts[0], "max_tokens": 4, "vllm_xargs": {EXTRA_ARGS_KEY: ["nope"]}}
+        bad = urllib.request.Request(f"{base}/v1/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(bad, timeout=60)
+        assert refused.value.code == 400 and b"unknown crvlm bundles" in refused.value.read()
+        assert complete(2) == expected[2], "the server keeps serving"
     finally:
         server.terminate()
         server.wait(timeout=60)

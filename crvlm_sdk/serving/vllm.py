@@ -360,10 +360,36 @@ def _logits_processor_base() -> type:
     return LogitsProcessor
 
 
+#: the bundle names this process's engine serves, for checking requests as they arrive (None:
+#: not known here, e.g. a worker process; the engine then refuses unknown names itself)
+_SERVED_NAMES: set[str] | None = None
+
+
+def served_names() -> set[str] | None:
+    """The served bundle names: those :func:`load_bundles` loaded, or those named by
+    ``CRVLM_BUNDLES`` (``crvlm serve``)."""
+    global _SERVED_NAMES
+    if _SERVED_NAMES is None and os.environ.get(BUNDLES_ENV):
+        _SERVED_NAMES = {Bundle.load(p).name for p in os.environ[BUNDLES_ENV].split(os.pathsep) if p}
+    return _SERVED_NAMES
+
+
 class CrvlmLogitsProcessor(_logits_processor_base() if _HAS_VLLM else object):  # type: ignore[misc]
     """Forces each refused request's opening or template answer and ends it after its sentences
     (vLLM calls it for every row of every step; rows of requests that named no bundle, or whose
-    gate passed them, are left alone)."""
+    gate passed them, are left alone). It also checks each request's bundle names when the
+    request arrives, so a bad name is that request's error (HTTP 400), not the engine's."""
+
+    @classmethod
+    def validate_params(cls, sampling_params: Any) -> None:
+        try:
+            names = requested_bundles(getattr(sampling_params, "extra_args", None))
+        except CrvlmError as exc:
+            raise ValueError(str(exc)) from None
+        served = served_names()
+        unknown = sorted(set(names) - served) if served is not None else []
+        if unknown:
+            raise ValueError(f"unknown crvlm bundles {unknown}; this server has {sorted(served or ())}")
 
     def __init__(self, vllm_config: Any, device: Any, is_pin_memory: bool) -> None:
         #: batch index -> that request's running list of output token ids
@@ -420,6 +446,15 @@ ENGINE_SETTINGS: dict[str, Any] = {"enforce_eager": True, "enable_chunked_prefil
                                    "enable_prefix_caching": False}
 
 
+def load_bundles(llm: Any, bundles: Sequence[str | Path]) -> list[str]:
+    """Load (or replace) the bundles an engine made by :func:`steered_llm` serves; returns their
+    names. A refused load keeps the bundles already served."""
+    global _SERVED_NAMES
+    names = llm.collective_rpc("crvlm_load", args=([str(Path(b)) for b in bundles],))[0]["bundles"]
+    _SERVED_NAMES = set(names)
+    return names
+
+
 def steered_llm(model: str | Path, bundles: Sequence[str | Path], **engine_args: Any) -> Any:
     """A ``vllm.LLM`` with crvlm's worker extension and ``bundles`` loaded, checked by a canary
     request that must pass through the hooks."""
@@ -429,7 +464,7 @@ def steered_llm(model: str | Path, bundles: Sequence[str | Path], **engine_args:
     settings = {**ENGINE_SETTINGS, **engine_args, "worker_extension_cls": WORKER_EXTENSION,
                 "logits_processors": processors}
     llm = LLM(str(model), **settings)
-    names = llm.collective_rpc("crvlm_load", args=([str(Path(b)) for b in bundles],))[0]["bundles"]
+    names = load_bundles(llm, bundles)
     before = llm.collective_rpc("crvlm_forwards")[0]
     llm.generate(["canary"], SamplingParams(max_tokens=1, extra_args={EXTRA_ARGS_KEY: names[:1]}), use_tqdm=False)
     if llm.collective_rpc("crvlm_forwards")[0] <= before:
