@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the float32 checkpoint helper of tests/test_vllm.py
+sys.path.insert(0, str(ROOT / "tests"))  # conftest.make_bundle
 
 QUESTIONS = ["What is the capital of France?", "How do I boil an egg?", "Explain photosynthesis briefly.",
              "Write a short poem about the sea.", "What are three tips for learning a language?",
@@ -43,17 +43,16 @@ def main() -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     import vllm
     from conftest import make_bundle
-    from test_vllm import _save_float32
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from crvlm_sdk.models.loading import load_model
+    from crvlm_sdk.models.loading import load_model, save_checkpoint
     from crvlm_sdk.plugins.adapters import adapter_for
     from crvlm_sdk.serving.vllm import EXTRA_ARGS_KEY, steered_llm
 
     root = Path(tempfile.mkdtemp(prefix="bench-vllm-"))
     model, tokenizer = load_model("smollm2")
-    model_dir = _save_float32(model, tokenizer, root / "smollm2")
+    model_dir = save_checkpoint(model, tokenizer, root / "smollm2")
     adapter = adapter_for(model, tokenizer)
     bundles = [make_bundle(adapter, name="a", layers=(6,), gate_layer=22, alpha=8.0, seed=0, decode_steps=8),
                make_bundle(adapter, name="b", layers=(6,), gate_layer=3, alpha=8.0, seed=1)]

@@ -16,12 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the float32 checkpoint helper of tests/test_vllm.py
 
 
 def main() -> None:
@@ -32,12 +30,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "vllm_parity_real.json")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from test_vllm import _save_float32
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     from crvlm_sdk.bundle.artifact import Bundle
-    from crvlm_sdk.models.loading import load_model
+    from crvlm_sdk.models.loading import load_model, save_checkpoint
     from crvlm_sdk.plugins.adapters import adapter_for
     from crvlm_sdk.serving.vllm import EXTRA_ARGS_KEY, steered_llm
     from crvlm_sdk.steering.steerer import Steerer
@@ -52,7 +49,7 @@ def main() -> None:
         questions += [r["question"] for r in rows[: args.per_policy]]
         selections += [[name]] * min(args.per_policy, len(rows))
     expected = Steerer(adapter, bundles).generate(questions, rows=selections, max_new_tokens=48)
-    model_dir = _save_float32(model, tokenizer, Path(tempfile.mkdtemp(prefix="parity-")) / "smollm2")
+    model_dir = save_checkpoint(model, tokenizer, Path(tempfile.mkdtemp(prefix="parity-")) / "smollm2")
     llm = steered_llm(model_dir, [args.bundles / n for n in names], dtype="float32", max_model_len=512,
                       kv_cache_memory_bytes=1 << 30, seed=0)
     batch = adapter.build_prompts(questions)

@@ -59,6 +59,8 @@ BUNDLE = Artifact("bundle", "manifest.json", frozenset({"manifest.json", "tensor
                   error=BundleError)
 REPORT = Artifact("report", "report.json", frozenset({"report.json", "report.md", "bundle-manifest.json"}),
                   (".png",))
+CHECKPOINT = Artifact("model checkpoint", "config.json", frozenset(),
+                      (".json", ".jinja", ".safetensors", ".txt", ".model"))
 DEMO_MODEL = Artifact("demo model", "crvlm_demo_vlm.json", frozenset(), (".json", ".jinja", ".safetensors", ".txt"))
 
 

@@ -236,3 +236,25 @@ def test_crvlm_serve_starts_vllm_with_the_settings_steering_needs(tiny_llama, tm
     if importlib.util.find_spec("vllm") is None:
         missing = runner.invoke(app, ["serve", "--model", "m", "--bundle", str(tmp_path / "a")])
         assert missing.exit_code == 1 and "vLLM is not installed" in missing.stderr
+
+
+def test_save_model_writes_a_checkpoint_that_loads_with_the_same_weights(tiny_llama, tmp_path):
+    from typer.testing import CliRunner
+
+    from crvlm_sdk.cli.app import app
+    from crvlm_sdk.models.loading import load_model
+
+    model, _, adapter = tiny_llama
+    runner = CliRunner()
+    done = runner.invoke(app, ["save-model", "--model", str(adapter.model.name_or_path), "--out", str(tmp_path / "c")])
+    assert done.exit_code == 0, done.output
+    again, _ = load_model(tmp_path / "c")
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert runner.invoke(app, ["save-model", "--model", str(adapter.model.name_or_path), "--out",
+                               str(tmp_path / "c")]).exit_code == 1  # exists: --overwrite needed
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    refused = runner.invoke(app, ["save-model", "--model", str(adapter.model.name_or_path), "--out",
+                                  str(tmp_path / "mine"), "--overwrite"])
+    assert refused.exit_code == 1 and (tmp_path / "mine" / "notes.txt").read_text() == "mine"

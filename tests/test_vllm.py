@@ -7,7 +7,6 @@ tokens :meth:`Steerer.generate` gives the same prompts with the same per-row sel
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
@@ -32,12 +31,12 @@ def served(tmp_path_factory):
     """SmolLM2 in float32 for both engines, two bundles (one gate read in the same pass, one in
     a pre-pass), and one vLLM engine with both loaded."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from crvlm_sdk.models.loading import load_model
+    from crvlm_sdk.models.loading import load_model, save_checkpoint
     from crvlm_sdk.plugins.adapters import adapter_for
 
     root = tmp_path_factory.mktemp("vllm")
     model, tokenizer = load_model("smollm2")
-    model_dir = _save_float32(model, tokenizer, root / "smollm2")
+    model_dir = save_checkpoint(model, tokenizer, root / "smollm2")
     adapter = adapter_for(model, tokenizer)
     a = make_bundle(adapter, name="a", layers=(6,), gate_layer=3, alpha=40.0, seed=0, decode_steps=6)
     b = make_bundle(adapter, name="b", layers=(8,), gate_layer=(20, 25), alpha=100.0, seed=1)
@@ -45,17 +44,6 @@ def served(tmp_path_factory):
     llm = steered_llm(model_dir, paths, dtype="float32", max_model_len=512, kv_cache_memory_bytes=1 << 30, seed=0)
     yield adapter, Steerer(adapter, [a, b]), llm, root
     load_bundles(llm, paths)
-
-
-def _save_float32(model, tokenizer, target: Path) -> Path:
-    """The GGUF-loaded SmolLM2 as a plain float32 checkpoint (vLLM reads safetensors)."""
-    model.hf_quantizer = None
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(target)
-    tokenizer.save_pretrained(target)
-    return target
 
 
 def _vllm_texts(adapter, llm, questions, selections):

@@ -560,6 +560,23 @@ def serve(
     os.execve(sys.executable, command, {**os.environ, BUNDLES_ENV: env_value})
 
 
+@app.command("save-model")
+@user_errors
+def save_model_cmd(
+    out: Annotated[Path, typer.Option(help="directory to write the checkpoint to")],
+    model: ModelOpt = "smollm2",
+    gguf_file: GgufOpt = None,
+    dtype: DtypeOpt = "float32",
+    overwrite: Annotated[bool, typer.Option(help="replace a checkpoint crvlm wrote earlier")] = False,
+) -> None:
+    """Write the model as a plain transformers checkpoint (for vLLM: crvlm serve --model OUT)."""
+    from crvlm_sdk.models.loading import save_checkpoint
+
+    net, processor, _ = _load(model, gguf_file, "cpu", dtype, None)
+    path = save_checkpoint(net, processor, out, overwrite=overwrite)
+    console.print(Text(f"checkpoint written to {path}; serve it with crvlm serve --model {path} --bundle ..."))
+
+
 @app.command("demo-model")
 @user_errors
 def demo_model_cmd(

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from crvlm_sdk.errors import ModelLoadError
+from crvlm_sdk.files import CHECKPOINT, atomic_directory
 from crvlm_sdk.models.processors import load_processor
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -153,3 +154,20 @@ def _load(path: Path, gguf_file: str | None, torch_dtype: torch.dtype) -> tuple[
     # ones without torchvision (their video processors need it).
     processor = load_processor(path, config.model_type) if is_vlm else transformers.AutoTokenizer.from_pretrained(path)
     return net, processor
+
+
+def save_checkpoint(model: torch.nn.Module, processor: Any, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Write a loaded model as a plain transformers checkpoint (safetensors, in its loaded dtype)
+    that other engines read: vLLM cannot take SmolLM2's GGUF as crvlm loads it, but takes this.
+    A model loaded from GGUF is written dequantised, the weights crvlm steers and fingerprints."""
+    target = Path(out)
+    CHECKPOINT.check_replaceable(target, overwrite=overwrite)
+    if getattr(model, "hf_quantizer", None) is not None:  # GGUF weights are dequantised on load
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    with atomic_directory(target, CHECKPOINT, overwrite=overwrite) as tmp, quiet_transformers():
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+    return target
