@@ -229,6 +229,46 @@ def test_the_openai_server_steers_each_request_by_its_vllm_xargs(served, tmp_pat
         log.close()
 
 
+def test_preempted_requests_are_gated_again_and_answer_as_the_steerer(served, tmp_path, monkeypatch):
+    """A KV cache of four 128-token blocks for prompts that grow past one block: vLLM preempts
+    running requests and recomputes them from their prompts; each recomputed prompt reads its
+    gate again and the answers stay the Steerer's."""
+    from crvlm_sdk.serving import core
+
+    adapter, _, llm, root = served
+    del llm
+    prompt_runs: dict = {}
+    begin = core.SteeringCore.begin_step
+
+    def counting(self, rows, num_tokens):
+        for r in rows:
+            if r.position == 0 and r.bundles:
+                prompt_runs[r.key] = prompt_runs.get(r.key, 0) + 1
+        return begin(self, rows, num_tokens)
+
+    monkeypatch.setattr(core.SteeringCore, "begin_step", counting)  # the engine runs in this process
+    a = make_bundle(adapter, name="a", layers=(6,), gate_layer=3, alpha=40.0, seed=0, decode_steps=6)
+    b = make_bundle(adapter, name="b", layers=(8,), gate_layer=(20, 25), alpha=100.0, seed=1)
+    questions, selections = QUESTIONS * 2, SELECTIONS * 2
+    expected = Steerer(adapter, [a, b]).generate(questions, rows=selections, max_new_tokens=100)
+    small = steered_llm(root / "smollm2", [a.save(tmp_path / "a"), b.save(tmp_path / "b")], dtype="float32",
+                        max_model_len=256, kv_cache_memory_bytes=24 << 20, seed=0)
+    try:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        batch = adapter.build_prompts(questions)
+        prompts = [TokensPrompt(prompt_token_ids=row[m.bool()].tolist())
+                   for row, m in zip(batch.inputs["input_ids"], batch.inputs["attention_mask"], strict=True)]
+        params = [SamplingParams(temperature=0.0, max_tokens=100, extra_args={EXTRA_ARGS_KEY: list(sel)})
+                  for sel in selections]
+        outputs = small.generate(prompts, params, use_tqdm=False)
+        assert max(prompt_runs.values()) > 1, "no request was preempted: the test proves nothing"
+        assert [adapter.decode(list(o.outputs[0].token_ids)).strip() for o in outputs] == expected
+    finally:
+        del small
+
+
 def test_a_tiny_random_llama_with_head_dim_64_matches_too(served, tmp_path):
     """The smallest model vLLM's CPU attention takes (head_dim 64), random weights: steering by
     the same vectors gives the same tokens as the Steerer (gates in the same pass and above the band)."""
