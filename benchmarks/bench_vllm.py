@@ -48,7 +48,7 @@ def main() -> None:
 
     from crvlm_sdk.models.loading import load_model, save_checkpoint
     from crvlm_sdk.plugins.adapters import adapter_for
-    from crvlm_sdk.serving.vllm import EXTRA_ARGS_KEY, steered_llm
+    from crvlm_sdk.serving.vllm import EXTRA_ARGS_KEY, prompt_token_ids, steered_llm
 
     root = Path(tempfile.mkdtemp(prefix="bench-vllm-"))
     model, tokenizer = load_model("smollm2")
@@ -57,9 +57,7 @@ def main() -> None:
     bundles = [make_bundle(adapter, name="a", layers=(6,), gate_layer=22, alpha=8.0, seed=0, decode_steps=8),
                make_bundle(adapter, name="b", layers=(6,), gate_layer=3, alpha=8.0, seed=1)]
     paths = [str(b.save(root / b.name)) for b in bundles]
-    batch = adapter.build_prompts(QUESTIONS)
-    ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]
-    prompts = [TokensPrompt(prompt_token_ids=row[m.bool()].tolist()) for row, m in zip(ids, mask, strict=True)]
+    prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_ids(adapter, QUESTIONS)]
     del model
     llm = steered_llm(model_dir, paths, dtype="float32", max_model_len=512, gpu_memory_utilization=0.3, seed=0)
 

@@ -36,7 +36,7 @@ def main() -> None:
     from crvlm_sdk.bundle.artifact import Bundle
     from crvlm_sdk.models.loading import load_model, save_checkpoint
     from crvlm_sdk.plugins.adapters import adapter_for
-    from crvlm_sdk.serving.vllm import EXTRA_ARGS_KEY, steered_llm
+    from crvlm_sdk.serving.vllm import EXTRA_ARGS_KEY, prompt_token_ids, steered_llm
     from crvlm_sdk.steering.steerer import Steerer
 
     names = args.policies.split(",")
@@ -52,9 +52,7 @@ def main() -> None:
     model_dir = save_checkpoint(model, tokenizer, Path(tempfile.mkdtemp(prefix="parity-")) / "smollm2")
     llm = steered_llm(model_dir, [args.bundles / n for n in names], dtype="float32", max_model_len=512,
                       kv_cache_memory_bytes=1 << 30, seed=0)
-    batch = adapter.build_prompts(questions)
-    prompts = [TokensPrompt(prompt_token_ids=row[m.bool()].tolist())
-               for row, m in zip(batch.inputs["input_ids"], batch.inputs["attention_mask"], strict=True)]
+    prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_ids(adapter, questions)]
     params = [SamplingParams(temperature=0.0, max_tokens=48, extra_args={EXTRA_ARGS_KEY: s}) for s in selections]
     served = [adapter.decode(list(o.outputs[0].token_ids)).strip()
               for o in llm.generate(prompts, params, use_tqdm=False)]

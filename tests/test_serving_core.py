@@ -22,7 +22,7 @@ from crvlm_sdk.activations.hooks import HookSpec, hooks_installed, layer_hidden,
 from crvlm_sdk.bundle.manifest import ResponseSpec
 from crvlm_sdk.errors import CrvlmError
 from crvlm_sdk.serving.core import RequestResponses, Rows, SteeringCore
-from crvlm_sdk.steering.response import end_of_sequence_id, sentence_end_ids
+from crvlm_sdk.steering.response import RowPlan, end_of_sequence_id, sentence_end_ids
 from crvlm_sdk.steering.steerer import Steerer
 
 QUESTIONS = ["What is the capital of France?", "How do I bake bread?", "Name a colour.",
@@ -110,10 +110,9 @@ def _same_as_steerer(adapter, bundles, selections, *, new_tokens=8, responses=Fa
     shaping = None
     if responses:
         eos = end_of_sequence_id(adapter.model, adapter, None)
-        forced = [[*adapter.encode_text(b.manifest.response.message), eos] if b.manifest.response.mode == "template"
-                  else adapter.encode_text(b.manifest.response.opening) for b in bundles]
+        plans = [RowPlan.of(b.manifest.response, adapter, eos) for b in bundles]
         vocab = adapter.model.get_output_embeddings().weight.shape[0]
-        shaping = RequestResponses(core, forced, sentence_end_ids(adapter, vocab), eos)
+        shaping = RequestResponses(core, plans, sentence_end_ids(adapter, vocab), eos)
     engine = FlatEngine(adapter, core, shaping)
     assert engine.generate(QUESTIONS, selections, new_tokens) == expected
     assert core.active == 0

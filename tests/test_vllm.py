@@ -15,7 +15,13 @@ vllm = pytest.importorskip("vllm", reason="vLLM is not installed here (the vLLM 
 from conftest import make_bundle, needs_smollm2  # noqa: E402
 
 from crvlm_sdk.errors import CrvlmError  # noqa: E402
-from crvlm_sdk.serving.vllm import EXTRA_ARGS_KEY, load_bundles, requested_bundles, steered_llm  # noqa: E402
+from crvlm_sdk.serving.vllm import (  # noqa: E402
+    EXTRA_ARGS_KEY,
+    load_bundles,
+    prompt_token_ids,
+    requested_bundles,
+    steered_llm,
+)
 from crvlm_sdk.steering.steerer import Steerer  # noqa: E402
 
 pytestmark = [needs_smollm2, pytest.mark.slow]
@@ -46,14 +52,12 @@ def served(tmp_path_factory):
     load_bundles(llm, paths)
 
 
-def _vllm_texts(adapter, llm, questions, selections):
+def _vllm_texts(adapter, llm, questions, selections, new_tokens=NEW_TOKENS):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    batch = adapter.build_prompts(questions)
-    ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]
-    prompts = [TokensPrompt(prompt_token_ids=row[m.bool()].tolist()) for row, m in zip(ids, mask, strict=True)]
-    params = [SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, extra_args={EXTRA_ARGS_KEY: list(sel)})
+    prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_ids(adapter, questions)]
+    params = [SamplingParams(temperature=0.0, max_tokens=new_tokens, extra_args={EXTRA_ARGS_KEY: list(sel)})
               for sel in selections]
     outputs = llm.generate(prompts, params, use_tqdm=False)
     return [adapter.decode(list(o.outputs[0].token_ids)).strip() for o in outputs]
@@ -112,11 +116,10 @@ def test_gates_that_read_the_question_find_it_in_vllms_prompt_ids(served):
     assert _vllm_texts(adapter, llm, QUESTIONS, selections) == expected
     recorded = llm.collective_rpc("crvlm_record_gates")[0]
     scores = steerer.gate_scores(QUESTIONS)
-    batch = adapter.build_prompts(QUESTIONS)
-    for i, (row, mask) in enumerate(zip(batch.inputs["input_ids"], batch.inputs["attention_mask"], strict=True)):
+    for i, ids in enumerate(prompt_token_ids(adapter, QUESTIONS)):
         if not selections[i]:
             continue
-        gates = recorded[tuple(row[mask.bool()].tolist())]
+        gates = recorded[tuple(ids)]
         for name in selections[i]:  # the gate values themselves, question span included
             assert gates[name] == pytest.approx(float(scores[name][i]), abs=1e-4)
 
@@ -202,9 +205,7 @@ def test_the_openai_server_steers_each_request_by_its_vllm_xargs(served, tmp_pat
                 pass
             assert time.monotonic() < deadline, "the server did not come up in 300 s"
             time.sleep(1)
-        batch = adapter.build_prompts(QUESTIONS)
-        prompts = [row[m.bool()].tolist() for row, m in zip(batch.inputs["input_ids"], batch.inputs["attention_mask"],
-                                                             strict=True)]
+        prompts = prompt_token_ids(adapter, QUESTIONS)
 
         def complete(i: int) -> str:
             body = {"model": model_dir, "prompt": prompts[i], "max_tokens": NEW_TOKENS, "temperature": 0,
@@ -254,17 +255,9 @@ def test_preempted_requests_are_gated_again_and_answer_as_the_steerer(served, tm
     small = steered_llm(root / "smollm2", [a.save(tmp_path / "a"), b.save(tmp_path / "b")], dtype="float32",
                         max_model_len=256, kv_cache_memory_bytes=24 << 20, seed=0)
     try:
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        batch = adapter.build_prompts(questions)
-        prompts = [TokensPrompt(prompt_token_ids=row[m.bool()].tolist())
-                   for row, m in zip(batch.inputs["input_ids"], batch.inputs["attention_mask"], strict=True)]
-        params = [SamplingParams(temperature=0.0, max_tokens=100, extra_args={EXTRA_ARGS_KEY: list(sel)})
-                  for sel in selections]
-        outputs = small.generate(prompts, params, use_tqdm=False)
+        served_texts = _vllm_texts(adapter, small, questions, selections, new_tokens=100)
         assert max(prompt_runs.values()) > 1, "no request was preempted: the test proves nothing"
-        assert [adapter.decode(list(o.outputs[0].token_ids)).strip() for o in outputs] == expected
+        assert served_texts == expected
     finally:
         del small
 

@@ -133,7 +133,7 @@ class SteeringCore:
         self._p: torch.Tensor = torch.zeros(capacity + 1, len(bundles))  # last slot: rows of no request
         self._step: _Step | None = None
         self._in_prepass = False
-        self._placed: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+        self._placed: dict[tuple[int, int, torch.device, torch.dtype], torch.Tensor] = {}
 
     # -- requests -------------------------------------------------------------------------
     def _register(self, rows: Rows) -> _Request:
@@ -166,15 +166,14 @@ class SteeringCore:
         row = self._p[request.slot].cpu()
         return {self.names[i]: float(row[i]) for i in request.bundles}
 
-    def response_plan(self, key: Hashable, forced: Sequence[Sequence[int]]) -> RowPlan | None:
+    def response_plan(self, key: Hashable, plans: Sequence[RowPlan]) -> RowPlan | None:
         """What shapes this request's answer: the plan of the first bundle (in load order) that
         the request asked for, shapes responses and whose ``p`` reaches its threshold, or None.
-        ``forced[i]`` are bundle ``i``'s forced token ids (its opening, or template + EOS)."""
+        ``plans[i]`` is bundle ``i``'s (:meth:`RowPlan.of` its response settings)."""
         values = self.p(key)
         for i, name in enumerate(self.names):
-            spec = self.specs[i].response
-            if name in values and spec.shapes and values[name] >= spec.threshold:
-                return RowPlan(spec.threshold, list(forced[i]), spec.stop_sentences if spec.mode == "steer" else None)
+            if name in values and self.specs[i].response.shapes and values[name] >= plans[i].threshold:
+                return plans[i]
         return None
 
     # -- steps ----------------------------------------------------------------------------
@@ -268,7 +267,7 @@ class SteeringCore:
         return h.squeeze(1)
 
     def _vector(self, i: int, layer: int, vector: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        key = (i * 100_000 + layer, like.device, like.dtype)
+        key = (i, layer, like.device, like.dtype)
         placed = self._placed.get(key)
         if placed is None:
             placed = self._placed[key] = vector.to(device=like.device, dtype=like.dtype)
@@ -301,16 +300,16 @@ class RequestResponses:
     a refused request gets its forced tokens and ends after its sentences, exactly as
     :class:`~crvlm_sdk.steering.response.ResponseShaper` does for the rows of one ``generate``.
 
-    ``forced[i]``: bundle ``i``'s forced token ids (its opening, or its template message and
-    end-of-sequence); ``sentence_ends``: ``(vocab,)`` bool, the tokens that end a sentence.
+    ``plans[i]``: bundle ``i``'s :class:`RowPlan` (``RowPlan.of`` its response settings);
+    ``sentence_ends``: ``(vocab,)`` bool, the tokens that end a sentence.
     """
 
-    def __init__(self, core: SteeringCore, forced: Sequence[Sequence[int]], sentence_ends: torch.Tensor,
+    def __init__(self, core: SteeringCore, plans: Sequence[RowPlan], sentence_ends: torch.Tensor,
                  eos_token_id: int) -> None:
-        if len(forced) != len(core.names):
-            raise CrvlmError(f"{len(forced)} forced-token lists for {len(core.names)} bundles")
+        if len(plans) != len(core.names):
+            raise CrvlmError(f"{len(plans)} response plans for {len(core.names)} bundles")
         self.core = core
-        self.forced = [list(f) for f in forced]
+        self.plans = list(plans)
         self.ends = sentence_ends.bool().cpu()
         self.eos = int(eos_token_id)
         self._plans: dict[Hashable, RowPlan | None] = {}
@@ -319,7 +318,7 @@ class RequestResponses:
     def next_token(self, key: Hashable, generated: Sequence[int]) -> int | None:
         """The token this request must produce next, or None to let the model choose."""
         if key not in self._plans:
-            self._plans[key] = self.core.response_plan(key, self.forced)
+            self._plans[key] = self.core.response_plan(key, self.plans)
         plan = self._plans[key]
         if plan is None:
             return None

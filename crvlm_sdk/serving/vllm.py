@@ -33,9 +33,10 @@ import torch
 
 from crvlm_sdk.activations.hooks import StopForward
 from crvlm_sdk.bundle.artifact import Bundle
+from crvlm_sdk.bundle.manifest import MANIFEST, read_manifest
 from crvlm_sdk.errors import CrvlmError
 from crvlm_sdk.serving.core import RequestResponses, Rows, SteeringCore
-from crvlm_sdk.steering.response import end_of_sequence_id, sentence_end_ids
+from crvlm_sdk.steering.response import RowPlan, end_of_sequence_id, sentence_end_ids
 
 #: the steering of this worker process (one model runner per vLLM worker), for the logits processor
 _ACTIVE: VllmSteering | None = None
@@ -123,11 +124,11 @@ class VllmSteering:
             params = self.runner.requests[req_id].sampling_params
             names = requested_bundles(getattr(params, "extra_args", None))
             position, prompt = int(batch.num_computed_tokens_cpu[i]), int(batch.num_prompt_tokens[i])
-            if self.record_gates and names and position < prompt:
-                self._prompts_now.append((req_id, tuple(int(t) for t in batch.token_ids_cpu[i, :prompt])))
             ids = None
-            if self.core.reads_question and names and position < prompt:
+            if names and position < prompt and (self.core.reads_question or self.record_gates):
                 ids = torch.from_numpy(batch.token_ids_cpu[i, :prompt].copy())
+                if self.record_gates:
+                    self._prompts_now.append((req_id, tuple(ids.tolist())))
             rows.append(Rows(req_id, starts[i], count, position, prompt, names, ids))
         for gone in self._seen - live:
             self.core.finish(gone)
@@ -344,14 +345,8 @@ def _generation_config(path: str) -> Any:
 def _responses(core: SteeringCore, bundles: Sequence[Bundle], adapter: Any, vocab: int) -> RequestResponses:
     """Forced tokens, sentence ends and end-of-sequence, chosen as the Steerer chooses them."""
     eos = end_of_sequence_id(adapter.model, adapter, None)
-    forced = []
-    for bundle in bundles:
-        spec = bundle.manifest.response
-        if spec.mode == "template":
-            forced.append([*adapter.encode_text(spec.message), eos])
-        else:
-            forced.append(adapter.encode_text(spec.opening) if spec.opening else [])
-    return RequestResponses(core, forced, sentence_end_ids(adapter, vocab), eos)
+    plans = [RowPlan.of(bundle.manifest.response, adapter, eos) for bundle in bundles]
+    return RequestResponses(core, plans, sentence_end_ids(adapter, vocab), eos)
 
 
 def _logits_processor_base() -> type:
@@ -370,7 +365,8 @@ def served_names() -> set[str] | None:
     ``CRVLM_BUNDLES`` (``crvlm serve``)."""
     global _SERVED_NAMES
     if _SERVED_NAMES is None and os.environ.get(BUNDLES_ENV):
-        _SERVED_NAMES = {Bundle.load(p).name for p in os.environ[BUNDLES_ENV].split(os.pathsep) if p}
+        _SERVED_NAMES = {read_manifest(Path(p) / MANIFEST).policy.name
+                         for p in os.environ[BUNDLES_ENV].split(os.pathsep) if p}
     return _SERVED_NAMES
 
 
@@ -444,6 +440,14 @@ LOGITS_PROCESSOR = f"{__name__}:CrvlmLogitsProcessor"
 #: engine settings crvlm needs (see the module text): pass them to ``vllm.LLM`` or ``vllm serve``
 ENGINE_SETTINGS: dict[str, Any] = {"enforce_eager": True, "enable_chunked_prefill": False,
                                    "enable_prefix_caching": False}
+
+
+def prompt_token_ids(adapter: Any, questions: Sequence[str]) -> list[list[int]]:
+    """Each question's prompt as the Steerer tokenizes it (chat template, no padding), for
+    ``vllm.inputs.TokensPrompt``: both engines then see exactly the same tokens."""
+    batch = adapter.build_prompts(questions)
+    ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]
+    return [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
 
 
 def load_bundles(llm: Any, bundles: Sequence[str | Path]) -> list[str]:

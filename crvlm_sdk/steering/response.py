@@ -18,6 +18,7 @@ import torch
 from transformers import LogitsProcessor
 
 from crvlm_sdk.adapters.base import BackboneAdapter
+from crvlm_sdk.bundle.manifest import ResponseSpec
 from crvlm_sdk.errors import CrvlmError
 
 #: a token that ends a sentence: its text ends with . ! or ? (closing quotes and brackets
@@ -46,6 +47,14 @@ class RowPlan:
     threshold: float
     forced: list[int]  # opening, or template message followed by end-of-sequence
     stop_sentences: int | None
+
+    @classmethod
+    def of(cls, spec: ResponseSpec, adapter: BackboneAdapter, eos: int) -> RowPlan:
+        """The plan a bundle's response settings give, in ``adapter``'s tokens."""
+        if spec.mode == "template":
+            return cls(spec.threshold, [*adapter.encode_text(spec.message), eos], None)
+        forced = adapter.encode_text(spec.opening) if spec.opening else []
+        return cls(spec.threshold, forced, spec.stop_sentences)
 
 
 class ResponseShaper(LogitsProcessor):

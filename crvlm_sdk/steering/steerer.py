@@ -205,14 +205,7 @@ class Steerer:
         if not any(item.response.shapes for item in self._loaded):
             return None
         eos = end_of_sequence_id(self.model, self.adapter, eos_override)
-        plans = []
-        for item in self._loaded:
-            spec = item.response
-            if spec.mode == "template":
-                forced = [*self.adapter.encode_text(spec.message), eos]
-            else:
-                forced = self.adapter.encode_text(spec.opening) if spec.opening else []
-            plans.append(RowPlan(spec.threshold, forced, spec.stop_sentences if spec.mode == "steer" else None))
+        plans = [RowPlan.of(item.response, self.adapter, eos) for item in self._loaded]
         if self._sentence_ends is None:
             vocab = self.model.get_output_embeddings().weight.shape[0]
             self._sentence_ends = sentence_end_ids(self.adapter, vocab)
