@@ -17,6 +17,16 @@ from pathlib import Path
 from crvlm_sdk.errors import BundleError, CrvlmError
 
 
+def _exists(target: Path, *, overwrite: bool, what: str, error: type[CrvlmError]) -> bool:
+    """Whether ``target`` is there to be replaced; without ``overwrite`` that is an error."""
+    if not (target.exists() or target.is_symlink()):
+        return False
+    if not overwrite:
+        raise error(f"{target} already exists", hint=f"pass --overwrite (overwrite=True) to replace the {what}, "
+                                                     "or choose another path")
+    return True
+
+
 @dataclass(frozen=True)
 class Artifact:
     """A kind of directory crvlm writes, recognised before ``overwrite`` replaces one: it holds
@@ -36,11 +46,8 @@ class Artifact:
     def check_replaceable(self, target: Path, *, overwrite: bool) -> None:
         """Raise unless writing ``target`` is allowed: it does not exist, or ``overwrite`` is set
         and it is a directory of this kind."""
-        if not (target.exists() or target.is_symlink()):
+        if not _exists(target, overwrite=overwrite, what=self.what, error=self.error):
             return
-        if not overwrite:
-            raise self.error(f"{target} already exists", hint=f"pass --overwrite (overwrite=True) to replace the "
-                                                              f"{self.what}, or choose another path")
         refuse = f"; --overwrite replaces only a {self.what} crvlm wrote"
         if target.is_symlink() or not target.is_dir():
             raise self.error(f"{target} is not a {self.what} directory{refuse}", hint="choose another path")
@@ -74,11 +81,8 @@ class FileArtifact:
     error: type[CrvlmError] = CrvlmError
 
     def check_replaceable(self, target: Path, *, overwrite: bool) -> None:
-        if not (target.exists() or target.is_symlink()):
+        if not _exists(target, overwrite=overwrite, what=self.what, error=self.error):
             return
-        if not overwrite:
-            raise self.error(f"{target} already exists", hint=f"pass --overwrite (overwrite=True) to replace the "
-                                                              f"{self.what}, or choose another path")
         if target.is_symlink() or not target.is_file() or not self.recognise(target):
             raise self.error(f"{target} is not a {self.what} crvlm wrote; --overwrite replaces only those",
                              hint="choose another path")
