@@ -7,9 +7,9 @@ from crvlm_sdk.plugins.hookspecs import hookimpl
 
 @hookimpl
 def crvlm_gates() -> list[type]:
-    from crvlm_plugins.gates import AlwaysGate, ProbeGate
+    from crvlm_plugins.gates import AlwaysGate, FlowGate, ProbeGate
 
-    return [ProbeGate, AlwaysGate]
+    return [ProbeGate, FlowGate, AlwaysGate]
 
 
 @hookimpl

@@ -1,4 +1,5 @@
-"""Built-in gates: a logistic probe (the default) and ``always`` (no gate, for ablations)."""
+"""Built-in gates: a logistic probe (the default), the CR-VLM authors' flow-field gate, and
+``always`` (no gate, for ablations)."""
 
 from __future__ import annotations
 
@@ -166,3 +167,129 @@ def normal_threshold(in_scope_logits: torch.Tensor, target_over_refusal: float) 
         raise CrvlmError("gate calibration needs at least 2 in-scope validation rows")
     z = float(torch.special.ndtri(torch.tensor(1.0 - target_over_refusal, dtype=torch.float64)))
     return max(0.0, float(logits.mean() + z * logits.std()))
+
+
+class FlowGate(ProbeGate):
+    """The CR-VLM authors' flow-field gate: ``x' = x + a·σ(w·z + c)·MLP(z)`` on standardised
+    activations ``z``, with ``p = σ(w·z + c)`` as the gate.
+
+    The gate and the flow are trained together. Five losses are used:
+
+    - gate: class-balanced cross-entropy of ``w·z + c``;
+    - alignment: an out-of-scope row's shift points along the refusal direction ``d``;
+    - reconstruction: the shift reaches ``d``;
+    - keep: an in-scope row's shift is zero;
+    - orthogonality: the flow field at in-scope rows has no component along ``d``, so a gate
+      that leaks does not push in-scope rows toward refusal.
+
+    ``d`` is the difference of the class means. The gate's ``fit`` sees activations only, not the
+    bundle's vectors. The authors' released code rescales the shift to a fixed norm at
+    inference, and that cancels ``σ(w·z + c)``: every input is steered equally. Here ``p`` is
+    read as the gate, calibrated and softened exactly like the probe's. The flow's own shift
+    (:meth:`shift`) is kept unnormalised and saved for study; crvlm steers with the bundle's
+    vectors scaled by ``p``.
+    """
+
+    name: ClassVar[str] = "flow"
+    #: hidden width of the flow field's MLP
+    WIDTH: ClassVar[int] = 64
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                 flow: Mapping[str, torch.Tensor] | None = None, **settings: Any) -> None:
+        super().__init__(weight, bias, mean, std, **settings)
+        hidden = weight.shape[0]
+        self.flow = dict(flow) if flow is not None else {
+            "flow_in": torch.zeros(self.WIDTH, hidden), "flow_in_bias": torch.zeros(self.WIDTH),
+            "flow_out": torch.zeros(hidden, self.WIDTH), "flow_out_bias": torch.zeros(hidden),
+            "flow_scale": torch.ones(())}
+
+    FLOW_KEYS: ClassVar[tuple[str, ...]] = ("flow_in", "flow_in_bias", "flow_out", "flow_out_bias", "flow_scale")
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {**super().tensors(), **self.flow}
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> FlowGate:
+        probe = ProbeGate.from_tensors(tensors, config)
+        missing = sorted(set(cls.FLOW_KEYS) - set(tensors))
+        if missing:
+            raise CrvlmError(f"flow gate tensors {missing} are missing")
+        flow = {k: tensors[k] for k in cls.FLOW_KEYS}
+        hidden, width = probe.weight.shape[0], flow["flow_in"].shape[0]
+        expected = {"flow_in": (width, hidden), "flow_in_bias": (width,), "flow_out": (hidden, width),
+                    "flow_out_bias": (hidden,), "flow_scale": ()}
+        wrong = [k for k, shape in expected.items() if tuple(flow[k].shape) != shape]
+        if wrong:
+            raise CrvlmError(f"flow gate tensors {wrong} have the wrong shape for {hidden} features "
+                             f"(flow_in is {tuple(flow['flow_in'].shape)})")
+        return cls(probe.weight, probe.bias, probe.mean, probe.std, flow,
+                   threshold=probe.threshold, temperature=probe.temperature)
+
+    @classmethod
+    def untrained(cls, hidden_size: int) -> FlowGate:
+        zeros = torch.zeros(hidden_size)
+        return cls(zeros, torch.zeros(()), zeros.clone(), torch.ones(hidden_size))
+
+    def field(self, z: torch.Tensor) -> torch.Tensor:
+        """The flow field ``MLP(z)`` in standardised units."""
+        f = self.flow
+        return torch.nn.functional.gelu(z @ f["flow_in"].T + f["flow_in_bias"]) @ f["flow_out"].T + f["flow_out_bias"]
+
+    def shift(self, h: torch.Tensor) -> torch.Tensor:
+        """The flow's displacement ``a·σ(w·z + c)·MLP(z)`` of ``(B, H)`` activations, in their
+        own units and unnormalised (the gate is not cancelled)."""
+        z = (h.float() - self.mean) / self.std
+        gate = torch.sigmoid(z @ self.weight + self.bias)
+        return self.flow["flow_scale"] * gate[:, None] * self.field(z) * self.std
+
+    def fit(self, h_in: torch.Tensor, h_out: torch.Tensor, *, l2: float = 1e-2, steps: int = 300,
+            lr: float = 1e-2, align: float = 1.0, reconstruct: float = 1.0, keep: float = 1.0,
+            orthogonal: float = 1.0, **options: Any) -> dict[str, float]:
+        """Adam on the five losses (full batch, weights in the class docstring), fixed seed."""
+        if len(h_in) == 0 or len(h_out) == 0:
+            raise CrvlmError("flow gate needs both in-scope and out-of-scope activations")
+        x = torch.cat([h_in, h_out]).float()
+        y = torch.cat([torch.zeros(len(h_in)), torch.ones(len(h_out))])
+        mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+        z = (x - mean) / std
+        out = y.bool()
+        d = z[out].mean(0) - z[~out].mean(0)
+        d_norm2 = (d * d).sum().clamp_min(1e-12)
+        d_unit = d / d_norm2.sqrt()
+        hidden, width = z.shape[1], self.WIDTH
+        g = torch.Generator().manual_seed(0)
+        params = {
+            "w": torch.zeros(hidden), "c": torch.zeros(()),
+            "flow_in": torch.randn(width, hidden, generator=g) / hidden**0.5, "flow_in_bias": torch.zeros(width),
+            "flow_out": torch.randn(hidden, width, generator=g) * 0.01, "flow_out_bias": torch.zeros(hidden),
+            "flow_scale": torch.ones(()),
+        }
+        for p in params.values():
+            p.requires_grad_(True)
+        opt = torch.optim.Adam(list(params.values()), lr=lr)
+        pos_weight = torch.tensor(len(h_in) / len(h_out))
+        with torch.enable_grad():
+            for _ in range(steps):
+                opt.zero_grad()
+                logit = z @ params["w"] + params["c"]
+                field = (torch.nn.functional.gelu(z @ params["flow_in"].T + params["flow_in_bias"])
+                         @ params["flow_out"].T + params["flow_out_bias"])
+                moved = params["flow_scale"] * torch.sigmoid(logit)[:, None] * field
+                losses = {
+                    "gate": torch.nn.functional.binary_cross_entropy_with_logits(logit, y, pos_weight=pos_weight),
+                    "align": (1 - torch.nn.functional.cosine_similarity(moved[out], d[None], dim=1)).mean(),
+                    "reconstruct": ((moved[out] - d) ** 2).sum(1).mean() / d_norm2,
+                    "keep": (moved[~out] ** 2).sum(1).mean() / d_norm2,
+                    "orthogonal": ((field[~out] @ d_unit) ** 2).mean() / d_norm2,
+                }
+                loss = (losses["gate"] + align * losses["align"] + reconstruct * losses["reconstruct"]
+                        + keep * losses["keep"] + orthogonal * losses["orthogonal"] + l2 * (params["w"] ** 2).sum())
+                loss.backward()
+                opt.step()
+        self.weight, self.bias = params["w"].detach().clone(), params["c"].detach().clone()
+        self.mean, self.std = mean, std
+        self.flow = {k: params[k].detach().clone() for k in self.FLOW_KEYS}
+        self.threshold = 0.0
+        pred = (self.logits(x) > 0).float()
+        return {"train_accuracy": float((pred == y).float().mean()),
+                **{f"loss_{k}": float(v.detach()) for k, v in losses.items()}}

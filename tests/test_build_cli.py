@@ -253,3 +253,25 @@ def test_gate_keeps_every_layer_tied_best_on_validation(tiny_llama, small_policy
     # the kept gate averages the members' log-odds
     log_odds = torch.stack([fit.per_layer[layer].log_odds(fit.val_rows[layer]) for layer in fit.gate.layers])
     torch.testing.assert_close(p, torch.sigmoid(log_odds.mean(0)))
+
+
+def test_build_with_the_flow_gate_saves_and_steers_per_row(tiny_llama_dir, small_policy, tmp_path):
+    """`--gate flow`: the bundle keeps the flow field's tensors, loads them back exactly, and the
+    Steerer reads one decision per row."""
+    from crvlm_sdk import Steerer
+
+    result = runner.invoke(app, ["build-bundle", "--model", str(tiny_llama_dir), "--policy", str(small_policy),
+                                 "--out", str(tmp_path / "b"), "--batch-size", "4", "--gate", "flow",
+                                 "--locator", "fixed", "--band", "1", "--strength", "1.0"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    bundle = Bundle.load(tmp_path / "b")
+    assert bundle.manifest.gate.type == "flow"
+    for tensors in bundle.gate_tensors.values():
+        assert {"weight", "flow_in", "flow_out", "flow_scale"} <= set(tensors)
+    model, processor = load_model(tiny_llama_dir)
+    steerer = Steerer.from_bundle(model, tmp_path / "b", processor)
+    questions = ["How do I bake bread?", "Who won the 1998 World Cup?", "What is a roux?"]
+    together = steerer.gate_scores(questions)[bundle.name]
+    alone = torch.cat([steerer.gate_scores([q])[bundle.name] for q in questions])
+    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)
+    assert ((together >= 0) & (together <= 1)).all()

@@ -9,7 +9,7 @@ import torch
 
 from crvlm_plugins.aligners import CounterfactualAligner, matched_images
 from crvlm_plugins.extractors import MeanDiffExtractor, TeacherForcedExtractor
-from crvlm_plugins.gates import ProbeGate
+from crvlm_plugins.gates import FlowGate, ProbeGate
 from crvlm_plugins.locators import FixedLocator, SweepLocator
 from crvlm_sdk import CrvlmError, Sample
 from crvlm_sdk.components import CandidateEvaluator
@@ -84,31 +84,71 @@ def _clouds(separation: float, seed: int = 0, hidden: int = 16):
     return cloud
 
 
+GATES = [ProbeGate, FlowGate]
+
+
+@pytest.mark.parametrize("gate_cls", GATES)
 @pytest.mark.parametrize("target", [0.02, 0.1])
-def test_gate_calibration_meets_target_on_separable_data(target):
+def test_gate_calibration_meets_target_on_separable_data(gate_cls, target):
     cloud = _clouds(separation=8.0)
-    gate = ProbeGate.untrained(16)
+    gate = gate_cls.untrained(16)
     assert gate.fit(cloud(300, -1), cloud(300, +1))["train_accuracy"] == 1.0
     gate.calibrate(cloud(60, -1), target_over_refusal=target)
     flagged = float((gate.score(cloud(5000, -1)) > 0.5).float().mean())
     caught = float((gate.score(cloud(5000, +1)) > 0.5).float().mean())
     assert flagged <= target
     assert caught > 0.99
-    again = ProbeGate.from_tensors(gate.tensors(), gate.config())  # threshold survives save/load
+    again = gate_cls.from_tensors(gate.tensors(), gate.config())  # threshold survives save/load
     probe = cloud(10, -1)
+    assert type(again) is gate_cls
     assert torch.equal(again.score(probe), gate.score(probe))
 
 
+@pytest.mark.parametrize("gate_cls", GATES)
 @pytest.mark.parametrize("target", [0.02, 0.1])
-def test_gate_calibration_hits_target_on_overlapping_data(target):
-    """When classes overlap, the calibrated threshold lets through about `target` of new in-scope rows."""
+def test_gate_calibration_hits_target_on_overlapping_data(gate_cls, target):
+    """When classes overlap, the calibrated threshold lets through about `target` of new in-scope
+    rows (1000 calibration rows: with 200 the threshold's own sampling error is about ±40% of a 2%
+    target, more than the tolerance)."""
     cloud = _clouds(separation=2.0, seed=1)
-    gate = ProbeGate.untrained(16)
+    gate = gate_cls.untrained(16)
     gate.fit(cloud(400, -1), cloud(400, +1))
-    gate.calibrate(cloud(200, -1), target_over_refusal=target)
+    gate.calibrate(cloud(1000, -1), target_over_refusal=target)
     assert gate.threshold > 0
     flagged = float((gate.score(cloud(20000, -1)) > 0.5).float().mean())
     assert abs(flagged - target) < 0.5 * target
+
+
+@pytest.mark.parametrize("gate_cls", GATES)
+def test_gate_decides_each_row_of_a_batch_alone(gate_cls):
+    """A row's score does not depend on the rows batched with it."""
+    cloud = _clouds(separation=4.0, seed=2)
+    gate = gate_cls.untrained(16)
+    gate.fit(cloud(200, -1), cloud(200, +1))
+    gate.calibrate(cloud(50, -1))
+    batch = torch.cat([cloud(5, -1), cloud(5, +1)])
+    together = gate.score(batch)
+    alone = torch.cat([gate.score(row[None]) for row in batch])
+    torch.testing.assert_close(together, alone)
+    assert (together[:5] < 0.5).all() and (together[5:] > 0.5).all()
+
+
+def test_flow_gate_moves_out_of_scope_rows_along_the_class_difference_and_keeps_in_scope_rows():
+    """The flow field's training, read back: out-of-scope rows shift toward the out-of-scope
+    class, in-scope rows barely move, and the shift is not normalised (it scales with p)."""
+    cloud = _clouds(separation=6.0, seed=3)
+    h_in, h_out = cloud(300, -1), cloud(300, +1)
+    gate = FlowGate.untrained(16)
+    metrics = gate.fit(h_in, h_out)
+    assert metrics["train_accuracy"] == 1.0
+    d = h_out.mean(0) - h_in.mean(0)
+    moved_out, moved_in = gate.shift(cloud(200, +1)), gate.shift(cloud(200, -1))
+    cos = torch.nn.functional.cosine_similarity(moved_out, d[None], dim=1)
+    assert float(cos.median()) > 0.9
+    assert float(moved_out.norm(dim=1).median()) > 0.5 * float(d.norm())
+    assert float(moved_in.norm(dim=1).median()) < 0.1 * float(moved_out.norm(dim=1).median())
+    with pytest.raises(CrvlmError, match="flow gate tensors"):
+        FlowGate.from_tensors({k: v for k, v in gate.tensors().items() if k != "flow_out"}, gate.config())
 
 
 DEFAULTS = Candidate((6,), 1.0, response={"mode": "steer", "opening": "Sorry,", "stop_sentences": 1,
