@@ -5,19 +5,8 @@
 # (text models do not need them). pip's notices go to .venv-vllm/setup.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -x .venv-vllm/bin/python ]; then
-  python3 -m venv .venv-vllm
-fi
-. .venv-vllm/bin/activate
-log=.venv-vllm/setup.log
-: > "$log"
-install() {
-  if ! python -m pip install --quiet "$@" >> "$log" 2>&1; then
-    echo "setup_vllm: pip install $* failed; its output:" >&2
-    cat "$log" >&2
-    exit 1
-  fi
-}
+. scripts/venv.sh
+make_venv .venv-vllm setup_vllm
 echo "setup_vllm: installing vLLM (CPU) into .venv-vllm (pip's log: $log)"
 install --upgrade pip
 install torch==2.13.0
