@@ -30,15 +30,14 @@ from typing import Any
 
 import torch
 from gate_study import rates  # benchmarks/ is the script's directory, so on sys.path
-from gate_variants import run_table
+from gate_variants import run_table, split_rows
 
 from crvlm_sdk import get_plugin_manager
 from crvlm_sdk.activations.capture import capture
 from crvlm_sdk.adapters.base import BackboneAdapter
-from crvlm_sdk.build.gate import fit_gate, gate_layers, out_of_fold_log_odds
+from crvlm_sdk.build.gate import fit_gate, out_of_fold_log_odds
 from crvlm_sdk.build.options import BuildOptions
 from crvlm_sdk.components import Gate
-from crvlm_sdk.policy import Policy
 from crvlm_sdk.types import Sample
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,20 +97,14 @@ def fit_penalised(h_in: torch.Tensor, h_out: torch.Tensor, diffs: torch.Tensor, 
 
 
 def study(policy_path: Path, adapter: BackboneAdapter, variants: dict[str, Any]) -> dict[str, Any]:
-    pol = Policy.load(policy_path)
-    data = pol.load_data()
+    split = split_rows(policy_path, adapter)
+    data, layers, train, val, test = split.data, split.layers, split.train, split.val, split.test
     opts = BuildOptions()
-    layers = gate_layers(adapter.num_layers, opts)
-    common = {"keep": True, "progress": False, "batch_size": opts.batch_size}
-    train = capture(adapter, data.train_in + data.train_out, layers, **common)
-    val = capture(adapter, data.val_in + data.val_out, layers, **common)
-    test = capture(adapter, data.test, layers, **common)
     shapes = shape_rows(adapter, layers)
     n_in, v_in = len(data.train_in), len(data.val_in)
-    val_scope = torch.tensor([True] * v_in + [False] * len(data.val_out))
-    test_scope = torch.tensor([bool(s.meta["in_scope"]) for s in data.test])
+    val_scope, test_scope = split.val_scope, split.test_scope
     probe = get_plugin_manager().get("gate", "probe")
-    out: dict[str, Any] = {"policy": pol.name, "n_test_in": int(test_scope.sum()),
+    out: dict[str, Any] = {"policy": split.policy, "n_test_in": int(test_scope.sum()),
                            "n_test_out": int((~test_scope).sum())}
 
     def fitted(h_in: torch.Tensor, h_out: torch.Tensor) -> Gate:
@@ -156,7 +149,8 @@ def study(policy_path: Path, adapter: BackboneAdapter, variants: dict[str, Any])
     if "build" in variants:
         expected = fit_gate(adapter, data, opts, plugins=get_plugin_manager(), progress=False).gate.layers
         if out["build"]["layers"] != expected:
-            raise SystemExit(f"{pol.name}: this script's build rule kept {out['build']['layers']}, fit_gate {expected}")
+            raise SystemExit(f"{split.policy}: this script's build rule kept {out['build']['layers']}, "
+                             f"fit_gate {expected}")
     return out
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,31 +30,52 @@ import torch
 from gate_study import rates  # benchmarks/ is the script's directory, so on sys.path
 
 from crvlm_sdk import get_plugin_manager, load_model
-from crvlm_sdk.activations.capture import capture
+from crvlm_sdk.activations.capture import ActivationStats, capture
 from crvlm_sdk.build.gate import fit_gate, gate_layers
 from crvlm_sdk.build.options import BuildOptions
 from crvlm_sdk.plugins.adapters import adapter_for
-from crvlm_sdk.policy import Policy
+from crvlm_sdk.policy import Policy, PolicyData
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {"build": (1e-2, 0.02, "tied"), "l2=0.1": (1e-1, 0.02, "tied"), "l2=1": (1.0, 0.02, "tied"),
             "all-layers": (1e-2, 0.02, "all"), "target=1%": (1e-2, 0.01, "tied")}
 
 
-def study(policy_path: Path, adapter: Any, variants: dict[str, Any]) -> dict[str, Any]:
+@dataclass
+class SplitRows:
+    """A policy's gate features (last prompt token) on its three splits, at every gate layer."""
+
+    policy: str
+    data: PolicyData
+    layers: list[int]
+    train: ActivationStats  # in-scope rows first
+    val: ActivationStats  # in-scope rows first
+    test: ActivationStats
+    val_scope: torch.Tensor
+    test_scope: torch.Tensor
+
+
+def split_rows(policy_path: Path, adapter: Any) -> SplitRows:
     pol = Policy.load(policy_path)
     data = pol.load_data()
     opts = BuildOptions()
     layers = gate_layers(adapter.num_layers, opts)
     common = {"keep": True, "progress": False, "batch_size": opts.batch_size}
-    train = capture(adapter, data.train_in + data.train_out, layers, **common)
-    val = capture(adapter, data.val_in + data.val_out, layers, **common)
-    test = capture(adapter, data.test, layers, **common)
+    return SplitRows(pol.name, data, layers, capture(adapter, data.train_in + data.train_out, layers, **common),
+                     capture(adapter, data.val_in + data.val_out, layers, **common),
+                     capture(adapter, data.test, layers, **common),
+                     torch.tensor([True] * len(data.val_in) + [False] * len(data.val_out)),
+                     torch.tensor([bool(s.meta["in_scope"]) for s in data.test]))
+
+
+def study(policy_path: Path, adapter: Any, variants: dict[str, Any]) -> dict[str, Any]:
+    rows = split_rows(policy_path, adapter)
+    pol, data, layers, train, val, test = rows.policy, rows.data, rows.layers, rows.train, rows.val, rows.test
     n_in, v_in = len(data.train_in), len(data.val_in)
-    val_scope = torch.tensor([True] * v_in + [False] * len(data.val_out))
-    test_scope = torch.tensor([bool(s.meta["in_scope"]) for s in data.test])
+    val_scope, test_scope = rows.val_scope, rows.test_scope
+    opts = BuildOptions()
     probe = get_plugin_manager().get("gate", "probe")
-    out: dict[str, Any] = {"policy": pol.name, "n_test_in": int(test_scope.sum()),
+    out: dict[str, Any] = {"policy": pol, "n_test_in": int(test_scope.sum()),
                            "n_test_out": int((~test_scope).sum())}
     fitted: dict[tuple[float, float], dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
     for name, (l2, target, rule) in variants.items():
@@ -77,7 +99,7 @@ def study(policy_path: Path, adapter: Any, variants: dict[str, Any]) -> dict[str
                                           if i and lo > 0]}
     expected = fit_gate(adapter, data, opts, plugins=get_plugin_manager(), progress=False).gate.layers
     if out["build"]["layers"] != expected:
-        raise SystemExit(f"{pol.name}: this script's build rule kept {out['build']['layers']}, fit_gate {expected}")
+        raise SystemExit(f"{pol}: this script's build rule kept {out['build']['layers']}, fit_gate {expected}")
     return out
 
 
