@@ -2,7 +2,7 @@
 
 Setup: bash scripts/setup_bench.sh        (creates .venv-bench: crvlm + steering-vectors + repeng)
 Run:   .venv-bench/bin/python benchmarks/bench_peers.py [--parts extraction,runtime,job]
-                                                         [--policies cooking,travel,programming]
+                                                         [--policies cooking,travel]
 
 One process tree, one machine, one model (SmolLM2-135M-Instruct, float32) and the same data:
 
@@ -34,7 +34,8 @@ One process tree, one machine, one model (SmolLM2-135M-Instruct, float32) and th
   from the top), times strengths 1/16 … 1/2 of the layer's median residual norm (the same scale
   for both libraries; stronger ones are skipped once every validation question is declined).
   Then the test split, strict judge: clean SRS, keyword SRS, BRS, MB with 95% intervals,
-  in-scope answers changed.
+  in-scope answers changed. "crvlm steering only" is the bundle's gate and steering without its
+  response settings (no forced opening, no stop): the peers' way of answering, with a gate.
 
 Results: benchmarks/results/bench_peers.{json,md}.
 """
@@ -337,8 +338,13 @@ def bench_job(model: Any, adapter: BackboneAdapter, policies: Sequence[str], max
                     if m.brs >= 0.95:  # everything refused: stronger settings only break the text further
                         break
         test = data.test
-        answers = run_systems(steerer, test, [System("bundle", bundle.name), System("none")], batch_size=64,
-                              max_new_tokens=max_new_tokens)
+        # the bundle's steering and gate without its response settings: what the gate alone adds
+        bare = bundle.replaced(name=f"{bundle.name}:steering-only",
+                               response=ResponseSpec(threshold=bundle.manifest.response.threshold))
+        runner = Steerer(adapter, [bundle, bare])
+        answers = run_systems(runner, test, [System("bundle", bundle.name), System("none"),
+                                             System("crvlm steering only", bare.name)],
+                              batch_size=66, max_new_tokens=max_new_tokens)
         scores = steerer.gate_scores([s.question for s in test])[bundle.name]
         samples = [{"question": s.question, "image": None, "in_scope": bool(s.meta["in_scope"]),
                     "reference_answer": list(s.answer) if isinstance(s.answer, tuple) else s.answer,
@@ -365,22 +371,27 @@ def bench_job(model: Any, adapter: BackboneAdapter, policies: Sequence[str], max
 
 
 def write_markdown(result: dict[str, Any], out: Path) -> None:
-    lines = [f"Versions: {', '.join(f'{k} {v}' for k, v in result['versions'].items())}; "
-             f"{result['machine']['threads']} threads.", ""]
+    lines = [f"Versions: {', '.join(f'{k} {v}' for k, v in result['versions'].items())}.", ""]
+
+    def threads(part: str) -> str:
+        return f"{part.capitalize()}: {result.get(part + '_threads', result['machine']['threads'])} threads."
+
     if result.get("extraction"):
-        lines += ["| N pairs | library | seconds (median) | ms per pair | peak MiB | abs cos to crvlm (last token), "
+        lines += [threads("extraction"), "",
+                  "| N pairs | library | seconds (median) | ms per pair | peak MiB | abs cos to crvlm (last token), "
                   "median / min over layers |", "| --- | --- | --- | --- | --- | --- |"]
         lines += [f"| {r['n']} | {r['library']} | {r['seconds']:.2f} | {r['ms_per_pair']:.1f} | {r['peak_mib']:.0f} | "
                   f"{r['cos_to_crvlm_last_median']:.4f} / {r['cos_min']:.4f} |" for r in result["extraction"]]
         lines.append("")
     if result.get("runtime"):
-        lines += ["| batch | library | unsteered s | steered s | steered / unsteered [IQR] |",
+        lines += [threads("runtime"), "", "| batch | library | unsteered s | steered s | steered / unsteered [IQR] |",
                   "| --- | --- | --- | --- | --- |"]
         lines += [f"| {r['batch']} | {r['library']} | {r['unsteered_s']:.2f} | {r['steered_s']:.2f} | "
                   f"{r['ratio']:.3f} [{r['ratio_q1']:.3f}, {r['ratio_q3']:.3f}] |" for r in result["runtime"]]
         lines.append("")
     if result.get("job"):
-        lines += ["| policy | system | chosen on validation | clean SRS ↑ | keyword SRS | BRS ↓ | MB ↑ | "
+        lines += [threads("job"), "",
+                  "| policy | system | chosen on validation | clean SRS ↑ | keyword SRS | BRS ↓ | MB ↑ | "
                   "in-scope changed |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in result["job"]:
             for sys_name, m in r["systems"].items():
@@ -397,7 +408,7 @@ def write_markdown(result: dict[str, Any], out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="extraction,runtime,job")
-    parser.add_argument("--policies", default="cooking,travel,programming")
+    parser.add_argument("--policies", default="cooking,travel")
     parser.add_argument("--sizes", default="64,256")
     parser.add_argument("--reps", type=int, default=3, help="extraction runs per library and N")
     parser.add_argument("--runtime-reps", type=int, default=6)
@@ -414,6 +425,8 @@ def main() -> None:
                               "threads": torch.get_num_threads(), "processor": platform.machine()}}
     if args.out.exists():  # parts run separately share one results file
         result = {**json.loads(args.out.read_text()), **result}
+    for part in parts:
+        result[f"{part}_threads"] = torch.get_num_threads()
     if "extraction" in parts:
         result["extraction"] = bench_extraction([int(n) for n in args.sizes.split(",")], args.reps)
     if parts & {"runtime", "job"}:
