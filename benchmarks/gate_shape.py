@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 from gate_study import rates  # benchmarks/ is the script's directory, so on sys.path
-from gate_variants import run_table, split_rows
+from gate_variants import kept_gate, run_table, split_rows
 
 from crvlm_sdk import get_plugin_manager
 from crvlm_sdk.activations.capture import capture
@@ -140,12 +140,7 @@ def study(policy_path: Path, adapter: BackboneAdapter, variants: dict[str, Any])
             per_layer[layer] = (gate.log_odds(vrows), gate.log_odds(trows), margin)
         best = max(m for _, _, m in per_layer.values())
         kept = [layer for layer in layers if per_layer[layer][2] > best - 1e-9]
-        val_lo = torch.stack([per_layer[layer][0] for layer in kept]).mean(0)
-        test_lo = torch.stack([per_layer[layer][1] for layer in kept]).mean(0)
-        out[name] = {"layers": kept, "val": rates(val_lo, val_scope), "test": rates(test_lo, test_scope),
-                     "flagged_in_scope": [s.question for s, lo, i in zip(data.test, test_lo.tolist(),
-                                                                         test_scope.tolist(), strict=True)
-                                          if i and lo > 0]}
+        out[name] = kept_gate(kept, per_layer, split)
     if "build" in variants:
         expected = fit_gate(adapter, data, opts, plugins=get_plugin_manager(), progress=False).gate.layers
         if out["build"]["layers"] != expected:

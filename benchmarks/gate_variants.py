@@ -68,6 +68,17 @@ def split_rows(policy_path: Path, adapter: Any) -> SplitRows:
                      torch.tensor([bool(s.meta["in_scope"]) for s in data.test]))
 
 
+def kept_gate(kept: list[int], per_layer: dict[int, tuple[torch.Tensor, ...]], split: SplitRows) -> dict[str, Any]:
+    """The mean log-odds of the kept layers ((validation, test, ...) per layer): rates on both
+    splits and the in-scope test questions it flags."""
+    val_lo = torch.stack([per_layer[layer][0] for layer in kept]).mean(0)
+    test_lo = torch.stack([per_layer[layer][1] for layer in kept]).mean(0)
+    return {"layers": kept, "val": rates(val_lo, split.val_scope), "test": rates(test_lo, split.test_scope),
+            "flagged_in_scope": [s.question for s, lo, i in zip(split.data.test, test_lo.tolist(),
+                                                                split.test_scope.tolist(), strict=True)
+                                 if i and lo > 0]}
+
+
 def study(policy_path: Path, adapter: Any, variants: dict[str, Any]) -> dict[str, Any]:
     rows = split_rows(policy_path, adapter)
     pol, data, layers, train, val, test = rows.policy, rows.data, rows.layers, rows.train, rows.val, rows.test
@@ -91,12 +102,7 @@ def study(policy_path: Path, adapter: Any, variants: dict[str, Any]) -> dict[str
             per_layer[layer] = (gate.log_odds(val.rows(layer)), gate.log_odds(test.rows(layer)))
         margin = {layer: (lambda c, f: c - f)(*rates(per_layer[layer][0], val_scope)) for layer in layers}
         kept = layers if rule == "all" else [layer for layer in layers if margin[layer] > max(margin.values()) - 1e-9]
-        val_lo = torch.stack([per_layer[layer][0] for layer in kept]).mean(0)
-        test_lo = torch.stack([per_layer[layer][1] for layer in kept]).mean(0)
-        out[name] = {"layers": kept, "val": rates(val_lo, val_scope), "test": rates(test_lo, test_scope),
-                     "flagged_in_scope": [s.question for s, lo, i in zip(data.test, test_lo.tolist(),
-                                                                         test_scope.tolist(), strict=True)
-                                          if i and lo > 0]}
+        out[name] = kept_gate(kept, per_layer, rows)
     expected = fit_gate(adapter, data, opts, plugins=get_plugin_manager(), progress=False).gate.layers
     if out["build"]["layers"] != expected:
         raise SystemExit(f"{pol}: this script's build rule kept {out['build']['layers']}, fit_gate {expected}")
