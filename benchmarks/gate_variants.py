@@ -80,10 +80,10 @@ def kept_gate(kept: list[int], per_layer: dict[int, tuple[torch.Tensor, ...]], s
 
 
 def study(policy_path: Path, adapter: Any, variants: dict[str, Any]) -> dict[str, Any]:
-    rows = split_rows(policy_path, adapter)
-    pol, data, layers, train, val, test = rows.policy, rows.data, rows.layers, rows.train, rows.val, rows.test
+    split = split_rows(policy_path, adapter)
+    pol, data, layers, train, val, test = split.policy, split.data, split.layers, split.train, split.val, split.test
     n_in, v_in = len(data.train_in), len(data.val_in)
-    val_scope, test_scope = rows.val_scope, rows.test_scope
+    val_scope, test_scope = split.val_scope, split.test_scope
     opts = BuildOptions()
     probe = get_plugin_manager().get("gate", "probe")
     out: dict[str, Any] = {"policy": pol, "n_test_in": int(test_scope.sum()),
@@ -102,7 +102,7 @@ def study(policy_path: Path, adapter: Any, variants: dict[str, Any]) -> dict[str
             per_layer[layer] = (gate.log_odds(val.rows(layer)), gate.log_odds(test.rows(layer)))
         margin = {layer: (lambda c, f: c - f)(*rates(per_layer[layer][0], val_scope)) for layer in layers}
         kept = layers if rule == "all" else [layer for layer in layers if margin[layer] > max(margin.values()) - 1e-9]
-        out[name] = kept_gate(kept, per_layer, rows)
+        out[name] = kept_gate(kept, per_layer, split)
     expected = fit_gate(adapter, data, opts, plugins=get_plugin_manager(), progress=False).gate.layers
     if out["build"]["layers"] != expected:
         raise SystemExit(f"{pol}: this script's build rule kept {out['build']['layers']}, fit_gate {expected}")
