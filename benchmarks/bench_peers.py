@@ -56,13 +56,14 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # repeng prints a progress bar per layer
 
 import torch
+from bench_steer import paired  # benchmarks/ is the script's directory, so on sys.path
 from safetensors.torch import load_file, save_file
 
 from crvlm_sdk import Bundle, Sample, Steerer, adapter_for, capture, get_plugin_manager, load_model
@@ -237,20 +238,6 @@ def peer_applied(lib: str, model: Any, layers: Sequence[int], vectors: dict[int,
     finally:
         wrapped.reset()
         wrapped.unwrap()
-
-
-def paired(plain: Callable[[], Any], steered: Callable[[], Any], reps: int) -> dict[str, Any]:
-    times: dict[str, list[float]] = {"plain": [], "steered": []}
-    for rep in range(reps):
-        order = [("plain", plain), ("steered", steered)]
-        for label, fn in order if rep % 2 == 0 else order[::-1]:
-            start = time.perf_counter()
-            fn()
-            times[label].append(time.perf_counter() - start)
-    ratios = sorted(s / p for s, p in zip(times["steered"], times["plain"], strict=True))
-    return {"unsteered_s": statistics.median(times["plain"]), "steered_s": statistics.median(times["steered"]),
-            "ratio": statistics.median(ratios), "ratio_q1": ratios[len(ratios) // 4],
-            "ratio_q3": ratios[(3 * len(ratios)) // 4], "runs": times}
 
 
 def bench_runtime(model: Any, adapter: BackboneAdapter, reps: int, new_tokens: int) -> list[dict[str, Any]]:

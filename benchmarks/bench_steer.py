@@ -19,7 +19,9 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -54,6 +56,23 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def paired(plain: Callable[[], Any], steered: Callable[[], Any], reps: int) -> dict[str, Any]:
+    """``steered``'s time over ``plain``'s in back-to-back pairs, order alternating, so slow drift
+    on a shared machine cancels within each pair: median ratio, its quartiles, medians, and the
+    ratio of the fastest runs."""
+    times: dict[str, list[float]] = {"unsteered": [], "steered": []}
+    for rep in range(reps):
+        pair = [("unsteered", plain), ("steered", steered)]
+        for label, fn in pair if rep % 2 == 0 else pair[::-1]:
+            times[label].append(timed(fn))
+    plain_s, steered_s = times["unsteered"], times["steered"]
+    ratios = sorted(s / p for s, p in zip(steered_s, plain_s, strict=True))
+    return {"unsteered_s": statistics.median(plain_s), "steered_s": statistics.median(steered_s),
+            "ratio": statistics.median(ratios), "ratio_q1": ratios[len(ratios) // 4],
+            "ratio_q3": ratios[(3 * len(ratios)) // 4], "ratio_of_min": min(steered_s) / min(plain_s),
+            "runs": times}
+
+
 def bench_generate(adapter, reps: int, new_tokens: int) -> list[dict]:
     steerers = {
         "gate in pass (layer 5)": Steerer(adapter, [make_bundle(adapter, 5)]),
@@ -66,22 +85,10 @@ def bench_generate(adapter, reps: int, new_tokens: int) -> list[dict]:
         questions = (QUESTIONS * 8)[:batch]
         base.generate(questions, steer=False, max_new_tokens=2)  # warm-up
         for name, steerer in steerers.items():
-            plain, steered = [], []
-            for rep in range(reps):
-                # back-to-back pairs, order alternating, so drift cancels within each pair
-                pair = [("plain", lambda q=questions: base.generate(q, steer=False, **kwargs)),
-                        ("steered", lambda s=steerer, q=questions: s.generate(q, **kwargs))]
-                for label, fn in pair if rep % 2 == 0 else pair[::-1]:
-                    (plain if label == "plain" else steered).append(timed(fn))
-            ratios = sorted(s / p for s, p in zip(steered, plain, strict=True))
-            rows.append({
-                "batch": batch, "variant": name,
-                "unsteered_s": statistics.median(plain), "steered_s": statistics.median(steered),
-                "ratio": statistics.median(ratios), "ratio_q1": ratios[len(ratios) // 4],
-                "ratio_q3": ratios[(3 * len(ratios)) // 4], "ratio_of_min": min(steered) / min(plain),
-                "unsteered_ms_per_token": 1000 * statistics.median(plain) / new_tokens,
-                "runs": {"unsteered": plain, "steered": steered},
-            })
+            result = paired(lambda q=questions: base.generate(q, steer=False, **kwargs),
+                            lambda s=steerer, q=questions: s.generate(q, **kwargs), reps)
+            rows.append({"batch": batch, "variant": name, **result,
+                         "unsteered_ms_per_token": 1000 * result["unsteered_s"] / new_tokens})
     return rows
 
 
