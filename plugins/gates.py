@@ -225,15 +225,9 @@ class FlowGate(ProbeGate):
         return cls(probe.weight, probe.bias, probe.mean, probe.std, flow,
                    threshold=probe.threshold, temperature=probe.temperature)
 
-    @classmethod
-    def untrained(cls, hidden_size: int) -> FlowGate:
-        zeros = torch.zeros(hidden_size)
-        return cls(zeros, torch.zeros(()), zeros.clone(), torch.ones(hidden_size))
-
     def field(self, z: torch.Tensor) -> torch.Tensor:
         """The flow field ``MLP(z)`` in standardised units."""
-        f = self.flow
-        return torch.nn.functional.gelu(z @ f["flow_in"].T + f["flow_in_bias"]) @ f["flow_out"].T + f["flow_out_bias"]
+        return flow_field(z, self.flow)
 
     def shift(self, h: torch.Tensor) -> torch.Tensor:
         """The flow's displacement ``a·σ(w·z + c)·MLP(z)`` of ``(B, H)`` activations, in their
@@ -272,8 +266,7 @@ class FlowGate(ProbeGate):
             for _ in range(steps):
                 opt.zero_grad()
                 logit = z @ params["w"] + params["c"]
-                field = (torch.nn.functional.gelu(z @ params["flow_in"].T + params["flow_in_bias"])
-                         @ params["flow_out"].T + params["flow_out_bias"])
+                field = flow_field(z, params)
                 moved = params["flow_scale"] * torch.sigmoid(logit)[:, None] * field
                 losses = {
                     "gate": torch.nn.functional.binary_cross_entropy_with_logits(logit, y, pos_weight=pos_weight),
@@ -293,3 +286,10 @@ class FlowGate(ProbeGate):
         pred = (self.logits(x) > 0).float()
         return {"train_accuracy": float((pred == y).float().mean()),
                 **{f"loss_{k}": float(v.detach()) for k, v in losses.items()}}
+
+
+def flow_field(z: torch.Tensor, flow: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``MLP(z)`` of a flow gate's tensors (``flow_in``, ``flow_out`` and their biases): the same
+    code trains the field and reads it back."""
+    hidden = torch.nn.functional.gelu(z @ flow["flow_in"].T + flow["flow_in_bias"])
+    return hidden @ flow["flow_out"].T + flow["flow_out_bias"]
