@@ -69,7 +69,7 @@ from safetensors.torch import load_file, save_file
 from crvlm_sdk import Bundle, Sample, Steerer, adapter_for, capture, get_plugin_manager, load_model
 from crvlm_sdk.adapters.base import BackboneAdapter
 from crvlm_sdk.bundle.manifest import ResponseSpec
-from crvlm_sdk.evaluation.evaluate import System, judge_report, run_systems
+from crvlm_sdk.evaluation.evaluate import System, judge_report, report_samples, run_systems
 from crvlm_sdk.evaluation.metrics import compute_metrics, mb_score
 from crvlm_sdk.policy import Policy
 
@@ -333,12 +333,7 @@ def bench_job(model: Any, adapter: BackboneAdapter, policies: Sequence[str], max
                                              System("crvlm steering only", bare.name)],
                               batch_size=66, max_new_tokens=max_new_tokens)
         scores = steerer.gate_scores([s.question for s in test])[bundle.name]
-        samples = [{"question": s.question, "image": None, "in_scope": bool(s.meta["in_scope"]),
-                    "reference_answer": list(s.answer) if isinstance(s.answer, tuple) else s.answer,
-                    "gate_score": float(scores[i]),
-                    "answers": {sys_name: answers[sys_name].texts[i] for sys_name in answers},
-                    "ended": {sys_name: answers[sys_name].ended[i] for sys_name in answers}}
-                   for i, s in enumerate(test)]
+        samples = report_samples(test, scores, answers)
         for lib, pick in chosen.items():
             texts, ended = peer_answers(steerer, test, lib, pick["layers"], vectors[lib], pick["scale"],
                                         max_new_tokens)

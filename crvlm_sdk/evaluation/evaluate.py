@@ -187,21 +187,12 @@ def evaluate(
             systems.append(System(name, variants[-1].name))
     runner = Steerer(steerer.adapter, variants, plugins=manager)
 
-    in_scope = [bool(s.meta["in_scope"]) for s in rows]
     scores = steerer.gate_scores([s.question for s in rows], _images(rows), batch_size=batch_size)[bundle.name]
     with progress_bar(progress) as bar:
         task = bar.add_task(f"eval {len(systems)} systems", total=len(rows) * len(systems))
         answers = run_systems(runner, rows, systems, batch_size=batch_size, max_new_tokens=max_new_tokens,
                               keep_logits=judge_impl.needs_first_logits, on_batch=lambda n: bar.advance(task, n))
-    samples = [{
-        "question": s.question,
-        "image": None if s.image is None else str(s.image),
-        "in_scope": in_scope[i],
-        "reference_answer": list(s.answer) if isinstance(s.answer, tuple) else s.answer,
-        "gate_score": float(scores[i]),
-        "answers": {name: answers[name].texts[i] for name in answers},
-        "ended": {name: answers[name].ended[i] for name in answers},
-    } for i, s in enumerate(rows)]
+    samples = report_samples(rows, scores, answers)
     report = {
         "bundle": {},
         "baselines": {name: {} for name in names if name != "bundle"},
@@ -216,6 +207,21 @@ def evaluate(
     logits = {name: got.first_logits for name, got in answers.items()}
     return judge_report(report, judge=judge, plugins=manager, first_logits=logits,
                         tokenizer=steerer.adapter.tokenizer)
+
+
+def report_samples(rows: Sequence[Sample], scores: Sequence[float] | torch.Tensor,
+                   answers: dict[str, Answers]) -> list[dict[str, Any]]:
+    """One report row per labelled sample: its data, the bundle's gate score and every system's
+    answer (what :func:`judge_report` judges)."""
+    return [{
+        "question": s.question,
+        "image": None if s.image is None else str(s.image),
+        "in_scope": bool(s.meta["in_scope"]),
+        "reference_answer": list(s.answer) if isinstance(s.answer, tuple) else s.answer,
+        "gate_score": float(scores[i]),
+        "answers": {name: answers[name].texts[i] for name in answers},
+        "ended": {name: answers[name].ended[i] for name in answers},
+    } for i, s in enumerate(rows)]
 
 
 def judge_report(
