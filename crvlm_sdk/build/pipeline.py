@@ -65,9 +65,9 @@ def build_bundle(
     steer_layers = locator.candidate_layers(backbone.num_layers, **locator_options) or \
         list(range(backbone.num_layers))
     # 1. vectors at every layer the locator may steer (one capture pass per side serves them all)
-    vectors, ext_options = _extract_vectors(backbone, pol, data, opts, steer_layers, manager, progress)
+    vectors, ext_options = extract_vectors(backbone, pol, data, opts, steer_layers, manager, progress)
     # 2. counterfactual visual alignment (no-op without images)
-    aligned = _align_images(backbone, pol, data, opts, vectors, steer_layers, manager, progress)
+    aligned = align_images(backbone, pol, data, opts, vectors, steer_layers, manager, progress)
     # 3. gate
     gate_fit = fit_gate(backbone, data, opts, extra_rows=aligned or None, plugins=manager, progress=progress)
     log(console, f"gate: {escape(opts.gate)} at {describe_layers(gate_fit.gate.layers)}, validation: "
@@ -120,9 +120,10 @@ def _locator_options(opts: BuildOptions) -> dict[str, Any]:
             "brs_ceiling": opts.brs_ceiling, **opts.locator_options}
 
 
-def _extract_vectors(backbone: BackboneAdapter, pol: Policy, data: PolicyData, opts: BuildOptions,
-                     layers: Sequence[int], manager: PluginManager,
-                     progress: bool) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
+def extract_vectors(backbone: BackboneAdapter, pol: Policy, data: PolicyData, opts: BuildOptions,
+                    layers: Sequence[int], manager: PluginManager,
+                    progress: bool) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
+    """The extractor's vectors at ``layers`` from the training split, and the options it ran with."""
     ext_options = {**DEFAULT_EXTRACTOR_OPTIONS, **opts.extractor_options} if opts.extractor == "teacher-forced" \
         else dict(opts.extractor_options)
     extractor = manager.get("extractor", opts.extractor)()
@@ -134,9 +135,9 @@ def _extract_vectors(backbone: BackboneAdapter, pol: Policy, data: PolicyData, o
     return vectors, ext_options
 
 
-def _align_images(backbone: BackboneAdapter, pol: Policy, data: PolicyData, opts: BuildOptions,
-                  vectors: dict[int, torch.Tensor], steer_layers: Sequence[int], manager: PluginManager,
-                  progress: bool) -> dict[str, Any]:
+def align_images(backbone: BackboneAdapter, pol: Policy, data: PolicyData, opts: BuildOptions,
+                 vectors: dict[int, torch.Tensor], steer_layers: Sequence[int], manager: PluginManager,
+                 progress: bool) -> dict[str, Any]:
     """The aligner's directions join the vectors; its rows join the gate's data at every gate layer."""
     if not (opts.aligner and data.has_images):
         return {}
