@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -60,6 +59,7 @@ from crvlm_sdk.evaluation.evaluate import (
     run_systems,
     without_gate,
 )
+from crvlm_sdk.evaluation.report import write_marked
 from crvlm_sdk.models.loading import load_model
 from crvlm_sdk.plugins.adapters import adapter_for
 from crvlm_sdk.policy import Policy, PolicyData
@@ -299,14 +299,7 @@ def write_tables(reports: list[dict[str, Any]]) -> None:
                   "benchmarks/ablate_components.py`; see the script's docstring.\n\n" + text + "\n")
     plot(reports, OUT.parent / "ablate_components.png")
     results = ROOT / "examples" / "policies" / "RESULTS.md"
-    body = results.read_text()
-    start, end = "<!-- components:start -->", "<!-- components:end -->"
-    block = f"{start}\n{text}\n{end}"
-    if start in body:
-        body = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, body, flags=re.S)
-    else:
-        body = body.rstrip() + "\n\n" + block + "\n"
-    results.write_text(body)
+    write_marked(results, "components", text)
     print(f"wrote {md}, {md.with_suffix('.png')} and the table in {results}")
 
 

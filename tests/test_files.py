@@ -13,7 +13,7 @@ from conftest import make_bundle
 
 from crvlm_sdk import Bundle
 from crvlm_sdk.errors import CrvlmError
-from crvlm_sdk.evaluation.report import write_report
+from crvlm_sdk.evaluation.report import write_marked, write_report
 from crvlm_sdk.files import BUNDLE, REPORT, atomic_directory, recover_interrupted
 
 
@@ -120,10 +120,21 @@ def test_a_report_is_replaced_only_when_asked_and_whole(tmp_path):
     assert REPORT.owns("rates.png") and not REPORT.owns("data.jsonl")
 
 
+def test_a_marked_table_is_replaced_and_the_prose_around_it_kept(tmp_path):
+    doc = tmp_path / "RESULTS.md"
+    doc.write_text("# Results\n\nprose before\n")
+    write_marked(doc, "t", "| a |\n| 1 |")
+    write_marked(doc, "u", "other")
+    doc.write_text(doc.read_text() + "prose after\n")
+    write_marked(doc, "t", "| a |\n| 2 $1 \\1 |")  # a block with regex replacement syntax, taken literally
+    assert doc.read_text() == ("# Results\n\nprose before\n\n<!-- t:start -->\n| a |\n| 2 $1 \\1 |\n"
+                               "<!-- t:end -->\n\n<!-- u:start -->\nother\n<!-- u:end -->\nprose after\n")
+
+
 _SAVER = """
 import sys, time
 from crvlm_sdk import Bundle
-from crvlm_sdk.evaluation.report import write_report
+from crvlm_sdk.evaluation.report import write_marked, write_report
 import json
 kind, source, target = sys.argv[1:4]
 if kind == "bundle":

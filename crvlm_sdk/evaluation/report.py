@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -132,3 +133,17 @@ def _plots(report: dict[str, Any], out: Path) -> list[Path]:
     fig.savefig(out / "rates.png", dpi=110)
     plt.close(fig)
     return [out / "gate_scores.png", out / "rates.png"]
+
+
+def write_marked(path: Path, marker: str, block: str) -> None:
+    """Put ``block`` between ``<!-- marker:start -->`` and ``<!-- marker:end -->`` in the
+    Markdown file ``path`` (appended with its markers if absent), so a results document can be
+    regenerated table by table while the prose around the tables stays as written."""
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+    marked = f"{start}\n{block}\n{end}"
+    text = path.read_text()
+    if start in text:
+        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: marked, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + marked + "\n"
+    path.write_text(text)

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from crvlm_sdk.evaluation.report import write_marked
 
 HERE = Path(__file__).resolve().parent
 POLICIES = ("cooking", "travel", "programming", "shape-qa", "no-stars")
@@ -137,14 +138,7 @@ def table(policies: list[str]) -> str:
 
 def write_table(policies: list[str], marker: str) -> None:
     results = HERE / "RESULTS.md"
-    text = results.read_text()
-    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
-    block = f"{start}\n{summary(policies)}\n\n{table(policies)}\n{end}"
-    if start in text:
-        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    results.write_text(text)
+    write_marked(results, marker, f"{summary(policies)}\n\n{table(policies)}")
     print(f"wrote the ablation table for {', '.join(policies)} into {results}")
 
 
