@@ -11,7 +11,6 @@ from typer.testing import CliRunner
 from crvlm_sdk import Bundle, load_model
 from crvlm_sdk.build.pipeline import build_bundle
 from crvlm_sdk.cli.app import app
-from crvlm_sdk.policy import Policy
 
 runner = CliRunner()
 
@@ -28,12 +27,6 @@ def test_build_then_eval_through_cli(tiny_llama_dir, small_policy, tmp_path):
     assert m.extraction["refusal_instruction"].endswith("NOT about cooking.")
     assert sum(row.get("chosen", False) for row in m.validation["sweep"]) == 1
     assert set(m.validation) >= {"srs", "srs_keyword", "brs", "mb", "gate_caught", "gate_flagged", "sweep"}
-    held = m.validation["gate_held_out"]
-    data = Policy.load(small_policy).load_data()
-    assert (held["n_in"], held["n_out"]) == (len(data.train_in), len(data.train_out))
-    assert set(held["flagged_in"]) <= {s.question for s in data.train_in}
-    assert set(held["missed_out"]) <= {s.question for s in data.train_out}
-    assert "gate, held out" in result.output
     assert {row["stage"] for row in m.validation["sweep"]} == {"steering", "steered tokens", "response"} or \
         m.validation["sweep"][0]["strength"] == 0  # a sweep won by "no steering" skips the steered-tokens stage
     assert m.response.message == "I'm sorry, but I can only help with cooking."
@@ -236,33 +229,6 @@ def test_rejudge_rescores_stored_answers(tiny_llama_dir, small_policy, tmp_path)
     assert again["bundle"]["refused_out"] == sum(s["refused"]["bundle"] for s in again["samples"] if not s["in_scope"])
     missing = runner.invoke(app, ["rejudge", str(tmp_path / "nowhere")])
     assert missing.exit_code == 1 and "not found" in missing.output
-
-
-def test_held_out_decisions_name_the_examples_a_gate_gets_wrong_when_it_has_not_seen_them():
-    """In-scope examples sitting among the out-of-scope ones are refused once held out of the fit
-    (a gate that saw them answers them); rows an aligner appended are fitted on, never reported."""
-    from crvlm_plugins.gates import ProbeGate
-    from crvlm_sdk.build.gate import held_out_decisions
-
-    gen = torch.Generator().manual_seed(0)
-    h_in = torch.randn(120, 4, generator=gen)
-    h_in[:, 0] -= 4
-    h_out = torch.randn(100, 4, generator=gen)
-    h_out[:, 0] += 4
-    edge, answered = [5, 37, 90], [12, 64]
-    h_in[edge, 0] += 8  # in scope, but where the out-of-scope examples are
-    h_out[answered, 0] -= 8
-    extra_in = torch.randn(10, 4, generator=gen)
-    extra_in[:, 0] += 4  # appended rows that would be "refused" too: must not be reported
-
-    def fit(a: torch.Tensor, b: torch.Tensor) -> ProbeGate:
-        gate = ProbeGate.untrained(4)
-        gate.fit(a, b)
-        return gate
-
-    rows = {layer: (torch.cat([h_in, extra_in]), h_out) for layer in (3, 4)}
-    held = held_out_decisions({3: fit, 4: fit}, rows, n_in=120, n_out=100)
-    assert held.flagged_in == edge and held.missed_out == answered and (held.n_in, held.n_out) == (120, 100)
 
 
 @pytest.mark.parametrize("ensemble", [True, False])

@@ -32,32 +32,11 @@ class GateFit:
     per_layer: dict[int, Gate]
     #: validation activations at every fitted layer, in-scope rows first
     val_rows: dict[int, torch.Tensor]
-    #: the kept gate's decisions on training examples held out of its fit (see :class:`HeldOut`)
-    held_out: HeldOut | None = None
 
     @property
     def val_p(self) -> torch.Tensor:
         """The kept gate's ``p`` on the validation rows (in-scope first)."""
         return self.gate.score(self.val_rows)
-
-
-@dataclass
-class HeldOut:
-    """Training examples the kept gate gets wrong when each is held out of its fit (5 folds, each
-    fold's gate fitted on the other four and calibrated like the kept one).
-
-    The validation split is 40 + 40 rows drawn from the same files as training, so a gate can
-    separate it perfectly and still refuse in-scope questions of kinds the files cover thinly;
-    200 + 200 held-out decisions estimate over-refusal more closely and name the examples on the
-    thin edges, which is what a policy author can act on (docs/policies.md).
-    """
-
-    #: indices into the training split's in-scope rows the held-out gate refuses
-    flagged_in: list[int]
-    #: indices into its out-of-scope rows the held-out gate lets through
-    missed_out: list[int]
-    n_in: int
-    n_out: int
 
 
 def gate_layers(num_layers: int, options: BuildOptions) -> list[int]:
@@ -108,7 +87,6 @@ def fit_gate(
         gate.fit(h_in, h_out, **options.gate_options)
         return gate
 
-    fit_rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for layer in layers:
         rows, vrows = train.rows(layer), val_rows[layer]
         h_in, h_out = rows[:n_in], rows[n_in:]
@@ -120,7 +98,6 @@ def fit_gate(
                                  hint="the aligner must read its gate rows at the gate_position it is given")
             h_in = torch.cat([h_in, extra_rows["gate_in"][layer]])
             h_out = torch.cat([h_out, extra_rows["gate_out"][layer]])
-        fit_rows[layer] = (h_in, h_out)
         gate = fitted(h_in, h_out)
         held = None
         if options.gate_selection == "out-of-fold":
@@ -146,37 +123,12 @@ def fit_gate(
     tied = [row["layer"] for row in table if margin(row) > best - 1e-9]
     kept = LayerGates({layer: gates[layer] for layer in (tied if options.gate_ensemble else tied[:1])},
                       options.gate_features)  # type: ignore[arg-type]
-    held_out = None
-    if options.gate_selection == "validation":
-        def calibrated(layer: int) -> Callable[[torch.Tensor, torch.Tensor], Gate]:
-            def fit(h_in: torch.Tensor, h_out: torch.Tensor) -> Gate:
-                gate = fitted(h_in, h_out)
-                gate.calibrate(val_rows[layer][:v_in], target_over_refusal=options.target_over_refusal)
-                return gate
-            return fit
-
-        held_out = held_out_decisions({layer: calibrated(layer) for layer in kept.gates}, fit_rows, n_in,
-                                      len(data.train_out))
     for gate in kept.gates.values():
         gate.soften(options.gate_temperature)
     caught, flagged = rates(kept.score(val_rows))
     for row in table:
         row["kept"] = row["layer"] in kept.gates
-    return GateFit(kept, caught, flagged, table, gates, val_rows, held_out)
-
-
-def held_out_decisions(fitters: dict[int, Callable[[torch.Tensor, torch.Tensor], Gate]],
-                       rows: dict[int, tuple[torch.Tensor, torch.Tensor]], n_in: int, n_out: int) -> HeldOut:
-    """:class:`HeldOut` for a gate reading ``fitters``' layers, log-odds averaged as
-    :class:`LayerGates` averages them; only the first ``n_in`` / ``n_out`` rows (the policy's own
-    examples, not rows an aligner added) are reported."""
-    lo_in, lo_out = torch.zeros(n_in), torch.zeros(n_out)
-    for layer, fit in fitters.items():
-        fold_in, fold_out = out_of_fold_log_odds(fit, *rows[layer])
-        lo_in += fold_in[:n_in]
-        lo_out += fold_out[:n_out]
-    return HeldOut(torch.nonzero(lo_in > 0).flatten().tolist(), torch.nonzero(lo_out <= 0).flatten().tolist(),
-                   n_in, n_out)
+    return GateFit(kept, caught, flagged, table, gates, val_rows)
 
 
 def out_of_fold_log_odds(fitted: Callable[[torch.Tensor, torch.Tensor], Gate], h_in: torch.Tensor,

@@ -29,7 +29,7 @@ from crvlm_sdk.errors import CrvlmError
 from crvlm_sdk.plugins.adapters import adapter_for
 from crvlm_sdk.plugins.manager import PluginManager, get_plugin_manager
 from crvlm_sdk.policy import Policy, PolicyData
-from crvlm_sdk.types import Candidate, Sample
+from crvlm_sdk.types import Candidate
 
 
 def build_bundle(
@@ -72,11 +72,6 @@ def build_bundle(
     gate_fit = fit_gate(backbone, data, opts, extra_rows=aligned or None, plugins=manager, progress=progress)
     log(console, f"gate: {escape(opts.gate)} at {describe_layers(gate_fit.gate.layers)}, validation: "
                  f"{gate_fit.caught:.0%} of out-of-scope caught, {gate_fit.flagged:.0%} of in-scope flagged")
-    held_out = held_out_summary(gate_fit, data)
-    if held_out:
-        log(console, f"gate on training examples held out of its fit: {len(held_out['flagged_in'])} of "
-                     f"{held_out['n_in']} in-scope refused, {len(held_out['missed_out'])} of {held_out['n_out']} "
-                     "out-of-scope answered (the manifest lists them; docs/policies.md)")
     # 4. steering and response settings, chosen on the whole validation split
     base = Bundle.create(adapter=backbone, policy=pol.summary(len(data.train_in), len(data.train_out)),
                          vectors={steer_layers[0]: vectors[steer_layers[0]]}, gate=gate_fit.gate, alpha=0.0)
@@ -101,24 +96,9 @@ def build_bundle(
         "srs": chosen_row["srs"], "srs_keyword": chosen_row.get("srs_keyword"), "brs": chosen_row["brs"],
         "mb": chosen_row["mb"], "n_in": len(data.val_in), "n_out": len(data.val_out), "judge": opts.judge,
         "gate_caught": gate_fit.caught, "gate_flagged": gate_fit.flagged, "gate_table": gate_fit.table,
-        "gate_held_out": held_out,
         "sweep": table, "image_weight_table": image_table, "build_seconds": round(time.monotonic() - started, 1),
     }
     return bundle
-
-
-def held_out_summary(gate_fit: GateFit, data: PolicyData) -> dict[str, Any] | None:
-    """The held-out gate decisions as the manifest records them: counts and the examples."""
-    held = gate_fit.held_out
-    if held is None:
-        return None
-
-    def shown(sample: Sample) -> str:
-        return sample.question if sample.image is None else f"{sample.question} [{Path(sample.image).name}]"
-
-    return {"n_in": held.n_in, "n_out": held.n_out,
-            "flagged_in": [shown(data.train_in[i]) for i in held.flagged_in],
-            "missed_out": [shown(data.train_out[i]) for i in held.missed_out]}
 
 
 def _options(options: BuildOptions | None, overrides: dict[str, Any]) -> BuildOptions:

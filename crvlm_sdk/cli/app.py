@@ -346,14 +346,6 @@ def _print_build_summary(bundle: Any, path: Path) -> None:
     summary.add_row(*_plain("gate", f"{m.gate.type} at {describe_layers(m.gate.layers)}: caught "
                                     f"{v['gate_caught']:.0%} of out-of-scope, flagged {v['gate_flagged']:.0%} of "
                                     "in-scope (validation)"))
-    held = v.get("gate_held_out")
-    if held:
-        flagged = held["flagged_in"]
-        shown = "; e.g. " + ", ".join(repr(q) for q in flagged[:3]) if flagged else ""
-        summary.add_row(*_plain(
-            "gate, held out", f"refuses {len(flagged)} of {held['n_in']} in-scope training examples left out of its "
-                              f"fit, answers {len(held['missed_out'])} of {held['n_out']} out-of-scope{shown} "
-                              "(docs/policies.md)"))
     keyword = "" if v.get("srs_keyword") is None else f" (keyword {v['srs_keyword']:.3f})"
     summary.add_row("validation", f"clean SRS {v['srs']:.3f}{keyword}  BRS {v['brs']:.3f}  MB {v['mb']:.3f} "
                                   f"({v['n_out']} out / {v['n_in']} in)")
