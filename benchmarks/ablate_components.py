@@ -91,8 +91,11 @@ BOOTSTRAP = 2000
 def chosen_candidate(bundle: Bundle) -> Candidate:
     """The setting the build chose, read back from the manifest."""
     m = bundle.manifest
+    spec = m.response
+    response = {"mode": spec.mode, "opening": spec.opening, "stop_sentences": spec.stop_sentences}
     return Candidate(band=tuple(m.layers), strength=float(m.extraction["strength"]), operator=m.operator,
-                     decode_steps=m.decode_steps, image_weight=float(m.extraction.get("image_weight") or 0.0))
+                     decode_steps=m.decode_steps, response=response,
+                     image_weight=float(m.extraction.get("image_weight") or 0.0))
 
 
 def variants(backbone: BackboneAdapter, pol: Policy, data: PolicyData, full: Bundle,
