@@ -263,6 +263,32 @@ def table(reports: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+#: the components whose removal the summary shows: system key → what is taken away
+COMPONENTS = {
+    "mean-diff": "teacher forcing (same settings)",
+    "mean-diff-swept": "teacher forcing (settings swept again)",
+    "no-gate": "the gate",
+    "flow-gate": "probe gate → flow gate",
+    "no-align": "visual alignment",
+    "steer:mean-diff": "teacher forcing, steering only",
+    "steer:no-gate": "the gate, steering only",
+}
+
+
+def summary(reports: list[dict[str, Any]]) -> str:
+    """One row per component: clean SRS and BRS change when it is removed, per policy."""
+    names = [r["settings"]["policy"] for r in reports]
+    lines = ["| component removed (or replaced) | " + " | ".join(f"{n}: Δ clean SRS / Δ BRS" for n in names) + " |",
+             "| --- |" + " --- |" * len(names)]
+    for key, label in COMPONENTS.items():
+        cells = []
+        for report in reports:
+            d = report["deltas"].get(key)
+            cells.append("–" if d is None else f"{_delta(d, 'srs')} / {_delta(d, 'brs')}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(reports: list[dict[str, Any]], out: Path) -> None:
     import matplotlib
 
@@ -296,7 +322,7 @@ def plot(reports: list[dict[str, Any]], out: Path) -> None:
 
 
 def write_tables(reports: list[dict[str, Any]]) -> None:
-    text = table(reports)
+    text = summary(reports) + "\n\n" + table(reports)
     md = OUT.parent / "ablate_components.md"
     md.write_text("# Component ablations (test split, strict judge)\n\nCommand: `python "
                   "benchmarks/ablate_components.py`; see the script's docstring.\n\n" + text + "\n")
