@@ -22,7 +22,7 @@ import torch
 
 from crvlm_sdk import get_plugin_manager
 from crvlm_sdk.activations.capture import GATE_POSITION, capture
-from crvlm_sdk.build.gate import fit_gate, out_of_fold_log_odds
+from crvlm_sdk.build.gate import fit_gate, fit_one_gate, out_of_fold_log_odds
 from crvlm_sdk.build.options import BuildOptions
 from crvlm_sdk.evaluation.metrics import wilson
 from crvlm_sdk.models.loading import load_model
@@ -71,9 +71,7 @@ def held_out_log_odds(adapter: Any, data: Any, layers: list[int], val_rows: dict
     lo_in, lo_out = torch.zeros(n_in), torch.zeros(len(data.train_out))
     for layer in layers:
         def fit(h_in: torch.Tensor, h_out: torch.Tensor, layer: int = layer) -> Any:
-            gate = gate_cls.untrained(h_in.shape[1])
-            torch.manual_seed(options.seed or 0)
-            gate.fit(h_in, h_out, **options.gate_options)
+            gate = fit_one_gate(gate_cls, h_in, h_out, options)
             gate.calibrate(val_rows[layer][:v_in], target_over_refusal=options.target_over_refusal)
             return gate
 

@@ -82,10 +82,7 @@ def fit_gate(
         return float((p[v_in:] > 0.5).float().mean()), float((p[:v_in] > 0.5).float().mean())
 
     def fitted(h_in: torch.Tensor, h_out: torch.Tensor) -> Gate:
-        gate = gate_cls.untrained(h_in.shape[1])
-        torch.manual_seed(options.seed or 0)
-        gate.fit(h_in, h_out, **options.gate_options)
-        return gate
+        return fit_one_gate(gate_cls, h_in, h_out, options)
 
     for layer in layers:
         rows, vrows = train.rows(layer), val_rows[layer]
@@ -129,6 +126,15 @@ def fit_gate(
     for row in table:
         row["kept"] = row["layer"] in kept.gates
     return GateFit(kept, caught, flagged, table, gates, val_rows)
+
+
+def fit_one_gate(gate_cls: type[Gate], h_in: torch.Tensor, h_out: torch.Tensor, options: BuildOptions) -> Gate:
+    """A fresh gate of ``gate_cls`` fitted on one layer's rows as the build fits it (seeded, with
+    the build's gate options); uncalibrated."""
+    gate = gate_cls.untrained(h_in.shape[1])
+    torch.manual_seed(options.seed or 0)
+    gate.fit(h_in, h_out, **options.gate_options)
+    return gate
 
 
 def out_of_fold_log_odds(fitted: Callable[[torch.Tensor, torch.Tensor], Gate], h_in: torch.Tensor,
