@@ -192,7 +192,7 @@ def run_policy(name: str, bundles: Path, model_dir: Path, batch_size: int, limit
               "settings": {"policy": name, "max_new_tokens": 48, "response": full.manifest.response.model_dump(),
                            "gate": f"{full.manifest.gate.type}@{','.join(map(str, full.manifest.gate.layers))}",
                            **info}}
-    for sample, i in zip(report["samples"], range(len(rows)), strict=True):
+    for i, sample in enumerate(report["samples"]):
         sample["gate_scores"] = {key: float(s[i]) for key, s in scores.items() if not key.startswith("steer:")}
     judge_report(report, judge="strict", tokenizer=backbone.tokenizer)
     report["deltas"] = deltas(report)
