@@ -95,7 +95,7 @@ def test_build_with_rotation_and_decode_steps_through_cli(tiny_llama_dir, small_
                                  "--strength", "1.1", "--operator", "rotation", "--decode-steps", "3"],
                            env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
-    assert "prompt + 3 generated tokens" in result.output
+    assert "the prompt and 3 generated tokens" in result.output
     m = Bundle.load(out).manifest
     assert (m.operator, m.decode_steps, m.layers) == ("rotation", 3, [1])
 

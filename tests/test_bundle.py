@@ -196,6 +196,21 @@ def test_negative_decode_steps_is_a_field_error(saved):
         Bundle.load(path)
 
 
+def test_a_bundle_that_steers_no_token_is_a_field_error(saved):
+    _, path, _ = saved
+    edit_manifest(path, decode_steps=0, steer_prompt=False)
+    with pytest.raises(BundleError, match="`steer_prompt` false with `decode_steps` 0 steers no token"):
+        Bundle.load(path)
+
+
+def test_format_1_4_bundle_steers_its_prompt(saved):
+    _, path, _ = saved
+    edit_manifest(path, format_version="1.4", steer_prompt=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BundleWarning)
+        assert Bundle.load(path).manifest.steer_prompt is True
+
+
 def test_known_keys_load_without_warning(saved):
     _, path, _ = saved
     with warnings.catch_warnings():

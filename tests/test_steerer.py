@@ -196,10 +196,48 @@ def test_decode_steps_limits_steering_to_the_first_generated_tokens(tiny_llama, 
     assert steered == [True] * limit + [False] * (len(steered) - limit)
 
 
-@pytest.mark.parametrize(("gate_layer", "decode_steps"), [(0, None), (3, None), (0, 2)])
-def test_generate_with_cache_equals_without(tiny, gate_layer, decode_steps):
+@pytest.mark.parametrize("gate_layer", [0, 3])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generated_tokens_only_leaves_the_prompt_alone_and_reads_the_gate_in_one_pass(tiny_llama, use_cache,
+                                                                                     gate_layer):
+    model, _, adapter = tiny_llama
+    # a gate above the band (layer 3 over layer 1) needs a pre-pass when the prompt is steered
+    bundle = make_bundle(adapter, layers=(1,), gate_layer=gate_layer, alpha=4.0, decode_steps=2)
+    bundle = bundle.replaced(steer_prompt=False)
+    assert not bundle.manifest.needs_prepass
+    layer = adapter.decoder_layers()[1]
+    before: list[torch.Tensor] = []
+    after: list[torch.Tensor] = []
+    calls = [0]
+    counter = model.register_forward_pre_hook(lambda m, a: calls.__setitem__(0, calls[0] + 1))
+    first = layer.register_forward_hook(lambda m, a, o: before.append(layer_hidden(o).clone()))
+    try:
+        with steerer_for(adapter, bundle).apply():
+            second = layer.register_forward_hook(lambda m, a, o: after.append(layer_hidden(o).clone()))
+            try:
+                with torch.inference_mode():
+                    model.generate(**_batch(adapter).inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                                   use_cache=use_cache, pad_token_id=adapter.pad_token_id)
+            finally:
+                second.remove()
+    finally:
+        first.remove()
+        counter.remove()
+    assert calls[0] == 6  # the prefill and five decoding steps: no pre-pass
+    prompt_len = before[0].shape[1]
+    for step, (a, b) in enumerate(zip(before, after, strict=True)):
+        changed = (b - a).abs().amax(dim=(0, 2)) > 1e-6  # per position of this call
+        positions = range(b.shape[1]) if not use_cache or step == 0 else [prompt_len + step - 1]
+        expected = [prompt_len <= pos < prompt_len + 2 for pos in positions]
+        assert changed.tolist() == expected, f"step {step}"
+
+
+@pytest.mark.parametrize(("gate_layer", "decode_steps", "steer_prompt"),
+                         [(0, None, True), (3, None, True), (0, 2, True), (3, 2, False), (3, None, False)])
+def test_generate_with_cache_equals_without(tiny, gate_layer, decode_steps, steer_prompt):
     _model, _, adapter = tiny
     bundle = make_bundle(adapter, layers=(1, 2), gate_layer=gate_layer, alpha=6.0, decode_steps=decode_steps)
+    bundle = bundle.replaced(steer_prompt=steer_prompt)
     steerer = steerer_for(adapter, bundle)
     images = _images(adapter, len(QUESTIONS))
     kwargs = {"max_new_tokens": 8, "min_new_tokens": 8}

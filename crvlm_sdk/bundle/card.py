@@ -12,9 +12,8 @@ def model_card(manifest: Manifest, directory: str) -> str:
     """Markdown with YAML front matter (hub metadata), written from the manifest alone."""
     m, v = manifest, manifest.validation
     base = m.base_model_name_or_path or ", ".join(m.backbone.architectures)
-    steps = "every generated token" if m.decode_steps is None else f"the prompt and {m.decode_steps} generated tokens"
     steering = "none (the gate and the response settings only)" if m.alpha == 0 else (
-        f"{m.operator} at layers {m.layers}, α = {m.alpha:.4g}, on {steps}")
+        f"{m.operator} at layers {m.layers}, α = {m.alpha:.4g}, on {m.steered_tokens()}")
     gate_layers = ", ".join(str(layer) for layer in m.gate.layers)
     lines = [
         "---",

@@ -19,8 +19,8 @@ from crvlm_sdk._version import __version__
 from crvlm_sdk.errors import BundleError, field_error
 from crvlm_sdk.types import Fingerprint
 
-FORMAT_VERSION = "1.4"  # 1.1: `decode_steps`; 1.2: `response`; 1.3: gate at several layers, base model name;
-#: 1.4: `gate.features`
+FORMAT_VERSION = "1.5"  # 1.1: `decode_steps`; 1.2: `response`; 1.3: gate at several layers, base model name;
+#: 1.4: `gate.features`; 1.5: `steer_prompt`
 MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
 
@@ -166,6 +166,11 @@ class Manifest(BaseModel):
     operator: Operator = "additive"
     #: Steer the prompt and this many decoding steps, then stop (``None``: every generated token).
     decode_steps: int | None = Field(default=None, ge=0)
+    #: Whether the prompt's tokens are steered too. False steers generated tokens only: a gate
+    #: above the band is then read in the one prefill pass (no pre-pass) and serving engines may
+    #: chunk or cache prompts, but the refusals are less clean (benchmarks/prompt_steering.py);
+    #: the build always steers the prompt.
+    steer_prompt: bool = True
     gate: GateSpec
     #: response shaping; a bundle written before format 1.2 steers only (the default spec)
     response: ResponseSpec = Field(default_factory=ResponseSpec)
@@ -181,10 +186,31 @@ class Manifest(BaseModel):
         self.manifest_sha256 = manifest_digest(json.loads(self.model_dump_json()))
         return self.model_dump_json(indent=2) + "\n"
 
+    @model_validator(mode="after")
+    def _steers_something(self) -> Manifest:
+        if not self.steer_prompt and self.decode_steps == 0:
+            raise ValueError("`steer_prompt` false with `decode_steps` 0 steers no token")
+        return self
+
+    def steered_tokens(self) -> str:
+        """Which tokens are steered, in words (for inspect, build summaries and model cards)."""
+        generated = "every generated token" if self.decode_steps is None else f"{self.decode_steps} generated tokens"
+        if self.steer_prompt:
+            return f"the prompt and {generated}"
+        return generated if self.decode_steps is None else f"the first {generated} (not the prompt)"
+
+    @property
+    def needs_whole_prompt(self) -> bool:
+        """Whether a serving engine must run this bundle's prompts whole, in one step and never
+        from cached keys and values: its steering changes the prompt's activations, or its gate
+        reads every question token. Otherwise only the last prompt token matters (chunked
+        prefill and prefix caching are safe)."""
+        return (self.steer_prompt and self.response.steers) or self.gate.features == "last+question"
+
     @property
     def needs_prepass(self) -> bool:
         """Whether this bundle alone needs an unsteered pre-pass to read its gate."""
-        return gate_needs_prepass(self.gate.layers, self.layers)
+        return self.steer_prompt and gate_needs_prepass(self.gate.layers, self.layers)
 
 
 #: the first format whose manifests carry ``manifest_sha256`` (older ones load without the check)

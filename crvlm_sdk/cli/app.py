@@ -153,8 +153,7 @@ def inspect(path: Annotated[Path, typer.Argument(help="bundle directory")], as_j
                      f"{m.backbone.num_layers} layers × {m.backbone.hidden_size}, vocab {m.backbone.vocab_size}"),
         ("backbone hash", m.backbone.first_layer_sha256),
         ("adapter", m.adapter),
-        ("steering", f"layers {m.layers}, α={m.alpha:g}, operator {m.operator}, "
-                     f"{'every token' if m.decode_steps is None else f'prompt + {m.decode_steps} generated tokens'}"),
+        ("steering", f"layers {m.layers}, α={m.alpha:g}, operator {m.operator}, {m.steered_tokens()}"),
         ("refused answers", m.response.describe()),
         ("gate", f"{m.gate.type} at {describe_layers(m.gate.layers)}"
                  f"{' (log-odds averaged)' if len(m.gate.layers) > 1 else ''} "
@@ -339,8 +338,7 @@ def _print_build_summary(bundle: Any, path: Path) -> None:
     summary = Table(title=Text(f"bundle {m.policy.name} → {path}"), show_header=False)
     summary.add_column("", style="bold")
     summary.add_column("")
-    steps = "every generated token" if m.decode_steps is None else f"prompt + {m.decode_steps} generated tokens"
-    steering = "none" if m.alpha == 0 else f"{m.layers} (α={m.alpha:.3g}, {m.operator}, {steps})"
+    steering = "none" if m.alpha == 0 else f"{m.layers} (α={m.alpha:.3g}, {m.operator}, {m.steered_tokens()})"
     summary.add_row(*_plain("steering layers", steering))
     summary.add_row(*_plain("refused answers", m.response.describe()))
     summary.add_row(*_plain("gate", f"{m.gate.type} at {describe_layers(m.gate.layers)}: caught "

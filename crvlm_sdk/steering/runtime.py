@@ -16,8 +16,10 @@ How a forward pass is steered (all hooks installed by ``Steerer.apply``, removed
 - a bundle whose manifest sets ``decode_steps = k`` steers the prompt and the first ``k``
   generated tokens only, then its ``scale`` is zeroed in place. On small models a push strong
   enough to start a refusal wrecks the text if it never lets go; stopping after a few tokens
-  leaves a refusal opening that the model continues on its own. Token positions decide, so
-  generation without a KV cache steers the same tokens as cached generation;
+  leaves a refusal opening that the model continues on its own. A bundle with
+  ``steer_prompt = False`` leaves the prompt alone and steers generated tokens only, so its
+  gate never needs the pre-pass. Token positions decide, so generation without a KV cache
+  steers the same tokens as cached generation;
 - inside ``generate``, a bundle's ``response`` settings (forced opening, stop after n
   sentences, or a template answer) are applied to the rows its gate refuses by a logits
   processor that reads the same gate buffers (:mod:`crvlm_sdk.steering.response`).
@@ -133,7 +135,9 @@ class SteeringRuntime:
             self._place_on(placement)
 
     def _place_on(self, placement: tuple[tuple[torch.device, torch.dtype], ...]) -> None:
-        steered = {layer for item in self.loaded for layer in item.bundle.manifest.layers}
+        # layers whose prompt activations some bundle changes
+        steered = {layer for item in self.loaded if item.bundle.manifest.steer_prompt
+                   for layer in item.bundle.manifest.layers}
         for item in self.loaded:
             m = item.bundle.manifest
             gate_device, _ = placement[m.gate.layers[-1]]
@@ -144,7 +148,7 @@ class SteeringRuntime:
                 for layer, vec in item.bundle.vectors.items()
             }
             # any bundle's steering may change what another bundle's gate reads
-            item.in_pass_gate = not gate_needs_prepass(m.gate.layers, steered)
+            item.in_pass_gate = not steered or not gate_needs_prepass(m.gate.layers, steered)
             item.p = item.log_odds = item.row_mask = item.scale = None
         self._placed_for = placement
 
@@ -190,6 +194,8 @@ class SteeringRuntime:
                 return None
             h = layer_hidden(output)
             for item in band:
+                if state.prefill and not item.bundle.manifest.steer_prompt:
+                    continue
                 h = steer(h, item.scale, item.vectors[layer], item.bundle.manifest.operator, item.token_mask)
             return with_hidden(output, h)
 
@@ -255,22 +261,25 @@ class SteeringRuntime:
 
         Token positions decide, not call counts, so generation without a KV cache (which
         re-runs the whole sequence each step) steers exactly the tokens cached generation
-        steered: the prompt and the first ``decode_steps`` generated tokens that are fed back.
+        steered: the prompt (unless ``steer_prompt`` is off) and the first ``decode_steps``
+        generated tokens that are fed back.
         """
         state = self.state
         total = state.prefill_len + state.step  # one new token per step, as in generate
         start = total - seq_len
         for item in self.loaded:
-            limit = item.bundle.manifest.decode_steps
-            if limit is None:
-                continue
-            end = state.prefill_len + limit  # positions >= end are not steered
-            if start >= end:
+            m = item.bundle.manifest
+            first = 0 if m.steer_prompt else state.prefill_len  # positions < first are not steered
+            end = None if m.decode_steps is None else state.prefill_len + m.decode_steps  # nor >= end
+            if end is not None and start >= end:
                 item.token_mask = None
                 item.scale.zero_()  # in place: a compiled decoding step keeps reading this buffer
-            elif total > end:
+            elif start < first or (end is not None and total > end):
                 positions = torch.arange(start, total, device=device)
-                item.token_mask = (positions < end).float().view(1, -1, 1)
+                keep = positions >= first
+                if end is not None:
+                    keep &= positions < end
+                item.token_mask = keep.float().view(1, -1, 1)
             else:
                 item.token_mask = None
 
