@@ -136,6 +136,31 @@ def test_gates_above_the_band_are_read_in_a_prepass_rotation_included(tiny_llama
     assert engine.prepasses == 1  # the prompt step only
 
 
+def test_bundles_that_leave_the_prompt_alone_need_no_prepass(tiny_llama):
+    _, _, adapter = tiny_llama
+    last = adapter.num_layers - 1
+    a = make_bundle(adapter, name="a", layers=(0, 1), gate_layer=last, alpha=12.0, operator="rotation",
+                    decode_steps=3).replaced(steer_prompt=False)
+    b = make_bundle(adapter, name="b", layers=(1,), gate_layer=0, alpha=8.0, seed=2).replaced(steer_prompt=False)
+    engine = _same_as_steerer(adapter, [a, b], [["a", "b"], ["a"], ["b"], []])
+    assert engine.prepasses == 0
+
+
+def test_the_prepass_runs_only_for_requests_whose_own_bundles_steer_their_prompt_below_the_gate(tiny_llama):
+    """Each request attends to its own tokens only, so a template bundle's gate above another
+    loaded bundle's band needs the pre-pass only for requests that asked for both."""
+    _, _, adapter = tiny_llama
+    last = adapter.num_layers - 1
+    s = make_bundle(adapter, name="s", layers=(1,), gate_layer=0, alpha=8.0, seed=2)
+    t = make_bundle(adapter, name="t", layers=(1,), gate_layer=last, seed=5).replaced(
+        response=ResponseSpec(mode="template", message="No.", threshold=0.3))
+    assert Steerer(adapter, [t]).gate_scores(QUESTIONS)["t"].ge(0.3).any(), "some row must be refused"
+    alone = _same_as_steerer(adapter, [s, t], [["t"], ["s"], [], ["t"]], responses=True)
+    assert alone.prepasses == 0
+    both = _same_as_steerer(adapter, [s, t], [["t"], ["s", "t"], [], ["t"]], responses=True)
+    assert both.prepasses == 1
+
+
 def test_question_features_are_read_from_the_prompt_ids(tiny_llama):
     _, _, adapter = tiny_llama
     bundle = _question_bundle(adapter, (0, 1), (2, 3))
@@ -211,6 +236,74 @@ def test_vllm_settings_that_would_steer_wrongly_are_refused(change, message):
         check_engine_config(_engine_config(**change))
 
 
+def test_chunked_prefill_and_prefix_caching_stay_on_for_bundles_that_leave_prompts_alone(tiny_llama):
+    from crvlm_sdk.serving.vllm import check_engine_config
+
+    _, _, adapter = tiny_llama
+    both = {"chunked": True, "prefix": True}
+    off = make_bundle(adapter, name="off").replaced(steer_prompt=False)
+    template = make_bundle(adapter, name="tpl").replaced(response=ResponseSpec(mode="template", message="No."))
+    check_engine_config(_engine_config(**both), [off, template])
+    for change in ({"chunked": True}, {"prefix": True}):
+        with pytest.raises(CrvlmError, match=r"bundle\(s\) \['on'\] steer the prompt"):
+            check_engine_config(_engine_config(**change), [off, make_bundle(adapter, name="on")])
+    question = _question_bundle(adapter, (0, 1), (2, 3)).replaced(steer_prompt=False)
+    with pytest.raises(CrvlmError, match=r"\['q'\] steer the prompt or read the question"):
+        check_engine_config(_engine_config(**both), [question])
+
+
+def test_prompts_in_chunks_or_after_a_cached_prefix_match_the_steerer(tiny_llama):
+    """A request whose bundles steer generated tokens only may arrive in pieces: each chunk runs
+    unsteered and the gate is read on the step that holds the last prompt token."""
+    _, _, adapter = tiny_llama
+    last = adapter.num_layers - 1
+    a = make_bundle(adapter, name="a", layers=(1,), gate_layer=last, alpha=12.0, decode_steps=3,
+                    operator="rotation").replaced(steer_prompt=False)
+    steerer = Steerer(adapter, [a])
+    question = QUESTIONS[3]
+    expected = steerer.generate([question], max_new_tokens=6)
+    assert expected != steerer.generate([question], steer=False, max_new_tokens=6)
+    batch = adapter.build_prompts([question])
+    ids = batch.inputs["input_ids"][0]
+    n = ids.shape[0]
+    core = SteeringCore([a])
+    eos = end_of_sequence_id(adapter.model, adapter, None)
+    plan = RowPlan.of(ResponseSpec(mode="template", message="No.", threshold=0.01), adapter, eos)
+    vocab = adapter.model.get_output_embeddings().weight.shape[0]
+    responses = RequestResponses(core, [plan], sentence_end_ids(adapter, vocab), eos)
+    layers = adapter.decoder_layers()
+
+    def layer_hook(layer: int):
+        def hook(module, args, output):
+            h = layer_hidden(output)
+            return with_hidden(output, core.layer_output(layer, h.reshape(-1, h.shape[-1])).view_as(h))
+        return hook
+
+    # the prompt in two chunks through a KV cache, then greedy decoding one token per step
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    generated: list[int] = []
+    split = n // 2
+    steps = [(0, ids[:split]), (split, ids[split:])]
+    with hooks_installed([HookSpec(layers[layer], layer_hook(layer)) for layer in core.layers]), \
+            torch.inference_mode():
+        while len(generated) < 6:
+            if not steps:
+                steps = [(n + len(generated) - 1, torch.tensor([generated[-1]]))]
+            position, chunk = steps.pop(0)
+            assert not core.begin_step([Rows("r", 0, chunk.shape[0], position, n, ("a",))], chunk.shape[0])
+            out = adapter.model(input_ids=chunk.view(1, -1), past_key_values=cache, use_cache=True)
+            # an engine samples (and drops) a token after each chunk: no response is decided before the gate
+            assert core.gated("r") == (position + chunk.shape[0] >= n)
+            if not core.gated("r"):
+                assert responses.next_token("r", []) is None
+            if position + chunk.shape[0] >= n:
+                generated.append(int(out.logits[0, -1].argmax()))
+    core.finish("r")
+    assert adapter.decode(generated).strip() == expected[0]
+
+
 def test_crvlm_serve_starts_vllm_with_the_settings_steering_needs(tiny_llama, tmp_path):
     import importlib.util
 
@@ -228,6 +321,10 @@ def test_crvlm_serve_starts_vllm_with_the_settings_steering_needs(tiny_llama, tm
                  "--logits-processors crvlm_sdk.serving.vllm:CrvlmLogitsProcessor", "--max-model-len 512",
                  f"CRVLM_BUNDLES={tmp_path / 'a'}"):
         assert flag in dry.stdout
+    make_bundle(adapter, name="b").replaced(steer_prompt=False).save(tmp_path / "b")
+    keeps = runner.invoke(app, ["serve", "--model", "m", "--bundle", str(tmp_path / "b"), "--dry-run"])
+    assert keeps.exit_code == 0 and "--enforce-eager" in keeps.stdout
+    assert "chunked" not in keeps.stdout and "prefix" not in keeps.stdout  # vLLM's defaults stay
     assert runner.invoke(app, ["serve", "--model", "m", "--bundle", str(tmp_path / "nope")]).exit_code == 3
     twice = runner.invoke(app, ["serve", "--model", "m", "--bundle", str(tmp_path / "a"), "--bundle",
                                 str(tmp_path / "a"), "--dry-run"])

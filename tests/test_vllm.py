@@ -262,6 +262,51 @@ def test_preempted_requests_are_gated_again_and_answer_as_the_steerer(served, tm
         del small
 
 
+def test_bundles_that_leave_prompts_alone_keep_chunked_prefill_and_prefix_caching(served, tmp_path, monkeypatch):
+    """A template bundle and one that steers generated tokens only: vLLM runs prompts in
+    16-token chunks and, the second time round, from cached prompt blocks; every answer is
+    still the Steerer's."""
+    from crvlm_sdk.bundle.manifest import ResponseSpec
+    from crvlm_sdk.serving import core
+
+    adapter, _, llm, root = served
+    del llm
+    first_position: dict = {}  # each request's position on its first step (> 0: a cached prefix)
+    split: list = []
+    begin = core.SteeringCore.begin_step
+
+    def watching(self, rows, num_tokens):
+        for r in rows:
+            if r.bundles:
+                first_position.setdefault(r.key, r.position)
+                if r.position < r.prompt_length and (r.position > 0 or r.position + r.count < r.prompt_length):
+                    split.append(r.key)
+        return begin(self, rows, num_tokens)
+
+    monkeypatch.setattr(core.SteeringCore, "begin_step", watching)  # the engine runs in this process
+    e = make_bundle(adapter, name="e", layers=(6,), gate_layer=3, alpha=40.0, seed=0,
+                    decode_steps=6).replaced(steer_prompt=False)
+    f = make_bundle(adapter, name="f", layers=(8,), gate_layer=(20, 25), alpha=100.0, seed=1).replaced(
+        response=ResponseSpec(mode="template", message="I can only help with testing."))
+    selections = [["f"], ["e", "f"], [], ["e"], ["f", "e"]]
+    steerer = Steerer(adapter, [e, f])
+    expected = steerer.generate(QUESTIONS, rows=selections, max_new_tokens=NEW_TOKENS)
+    plain = steerer.generate(QUESTIONS, steer=False, max_new_tokens=NEW_TOKENS)
+    assert sum(x != y for x, y in zip(expected, plain, strict=True)) >= 3 and expected[2] == plain[2]
+    assert "I can only help with testing." in expected, "the template bundle must refuse some row"
+    chunked = steered_llm(root / "smollm2", [e.save(tmp_path / "e"), f.save(tmp_path / "f")], dtype="float32",
+                          max_model_len=512, kv_cache_memory_bytes=1 << 30, seed=0, enable_chunked_prefill=True,
+                          enable_prefix_caching=True, max_num_batched_tokens=16, max_num_seqs=8, block_size=32)
+    try:
+        assert _vllm_texts(adapter, chunked, QUESTIONS, selections) == expected
+        assert split, "no prompt was split into chunks: the test proves nothing"
+        first_position.clear()
+        assert _vllm_texts(adapter, chunked, QUESTIONS, selections) == expected
+        assert all(position > 0 for position in first_position.values()), "prompts were not served from the cache"
+    finally:
+        del chunked
+
+
 def test_a_tiny_random_llama_with_head_dim_64_matches_too(served, tmp_path):
     """The smallest model vLLM's CPU attention takes (head_dim 64), random weights: steering by
     the same vectors gives the same tokens as the Steerer (gates in the same pass and above the band)."""

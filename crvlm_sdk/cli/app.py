@@ -536,16 +536,15 @@ def serve(
     import sys
 
     from crvlm_sdk.bundle.artifact import Bundle
-    from crvlm_sdk.serving.vllm import BUNDLES_ENV, LOGITS_PROCESSOR
+    from crvlm_sdk.serving.vllm import BUNDLES_ENV, LOGITS_PROCESSOR, engine_settings
 
-    names = []
-    for path in bundle:
-        names.append(Bundle.load(path).name)
+    names = [Bundle.load(path).name for path in bundle]
     if len(set(names)) != len(names):
         raise CrvlmError(f"two bundles share a policy name in {names}; requests choose bundles by name")
+    flags = [f"--{key.replace('_', '-')}" if on else f"--no-{key.replace('_', '-')}"
+             for key, on in engine_settings(bundle).items()]
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
-               "--enforce-eager", "--no-enable-chunked-prefill", "--no-enable-prefix-caching",
-               "--logits-processors", LOGITS_PROCESSOR, *ctx.args]
+               *flags, "--logits-processors", LOGITS_PROCESSOR, *ctx.args]
     env_value = os.pathsep.join(str(p.resolve()) for p in bundle)
     if dry_run:
         print(f"{BUNDLES_ENV}={shlex.quote(env_value)} {shlex.join(command)}")

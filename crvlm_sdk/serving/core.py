@@ -14,9 +14,12 @@ Per step, the host builds two small index tensors (row → request slot, row →
 bundle); the gates write ``p`` into a per-slot table on the model's device and the band layers
 gather from it, so no layer waits on the host.
 
-A prompt must arrive in one step: with chunked prefill the chunks before the last would run
-before the gate is read, unsteered, and their cached keys and values would stay so. The core
-refuses such a step with one clear error instead of steering part of a prompt.
+A prompt that a bundle steers (or whose question tokens its gate reads) must arrive in one
+step: with chunked prefill the chunks before the last would run before the gate is read,
+unsteered, and their cached keys and values would stay so. The core refuses such a step with
+one clear error instead of steering part of a prompt. A request whose bundles steer generated
+tokens only (``steer_prompt = False``) and read the last prompt token may arrive in chunks or
+after a cached prefix: its gate is read on the step that holds its last prompt token.
 """
 
 from __future__ import annotations
@@ -62,6 +65,11 @@ class _Request:
     slot: int
     bundles: tuple[int, ...]
     prompt_length: int
+    #: its prompt must run in one step (a bundle steers it, or a gate reads its question)
+    whole_prompt: bool = True
+    #: per loaded bundle: whether its gate is read in the pre-pass for this request (another of
+    #: the request's bundles steers its prompt at or below a layer the gate reads)
+    prepass: tuple[bool, ...] = ()
     gated: bool = False
 
 
@@ -74,14 +82,21 @@ class _Step:
     gate_rows: torch.Tensor  # (n,) long: rows of the last prompt tokens read by the gates this step
     gate_slots: torch.Tensor  # (n,) long: their requests' slots
     gate_bundles: torch.Tensor  # (n, bundles) bool: which bundles each of those requests asked for
+    gate_prepass: torch.Tensor  # (n, bundles) bool: which of those gates are read in the pre-pass
     question: torch.Tensor | None  # (n, tokens) float weights of each request's question rows
-    prepass: bool
+    #: (bundle, in pre-pass) pairs with some gate row to read this step (host-side, no sync)
+    reads: set[tuple[int, bool]]
     on: torch.device | None = None
-    totals: dict[int, torch.Tensor] = field(default_factory=dict)  # bundle -> (n,) summed gate log-odds
+    #: (bundle, in pre-pass) -> (n,) summed gate log-odds
+    totals: dict[tuple[int, bool], torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def prepass(self) -> bool:
+        return any(pre for _, pre in self.reads)
 
     def to(self, device: torch.device) -> None:
         if self.on != device:
-            for name in ("slots", "steered", "gate_rows", "gate_slots", "gate_bundles", "question"):
+            for name in ("slots", "steered", "gate_rows", "gate_slots", "gate_bundles", "gate_prepass", "question"):
                 value = getattr(self, name)
                 if value is not None:
                     setattr(self, name, value.to(device))
@@ -111,8 +126,12 @@ class SteeringCore:
         self._skip = set(skip_ids)
         #: whether some gate reads the question's tokens (then prompts need their ``prompt_ids``)
         self.reads_question = any(g.features == "last+question" for g in self.gates)
-        steered_layers = {layer for m in self.specs if m.response.steers for layer in m.layers}
-        #: bundles whose gate must be read in an unsteered pre-pass (a gate layer at or above a band)
+        #: per bundle, the layers at which it changes the prompt's activations
+        self._prompt_layers = [frozenset(m.layers) if m.response.steers and m.steer_prompt else frozenset()
+                               for m in self.specs]
+        steered_layers = set().union(*self._prompt_layers)
+        #: bundles whose gate may need an unsteered pre-pass: some request may pair it with a
+        #: bundle that steers the prompt at or below a layer it reads
         self.needs_prepass = [bool(steered_layers) and gate_needs_prepass(g.layers, steered_layers) for g in self.gates]
         self.prepass_stop = max((g.last_layer for g, pre in zip(self.gates, self.needs_prepass, strict=True) if pre),
                                 default=-1)
@@ -143,7 +162,13 @@ class SteeringCore:
         if not self._free:
             raise CrvlmError(f"more than {self.capacity} steered requests at once",
                              hint="finish() requests that ended, or raise capacity")
-        request = _Request(self._free.pop(), tuple(self.names.index(n) for n in rows.bundles), rows.prompt_length)
+        indices = tuple(self.names.index(n) for n in rows.bundles)
+        whole = any(self.specs[i].needs_whole_prompt for i in indices)
+        # a request's rows attend only to its own tokens: only its own bundles change what its gates read
+        steered = set().union(*(self._prompt_layers[i] for i in indices))
+        prepass = tuple(i in indices and bool(steered) and gate_needs_prepass(self.gates[i].layers, steered)
+                        for i in range(len(self.names)))
+        request = _Request(self._free.pop(), indices, rows.prompt_length, whole_prompt=whole, prepass=prepass)
         self._requests[rows.key] = request
         return request
 
@@ -156,6 +181,11 @@ class SteeringCore:
     @property
     def active(self) -> int:
         return len(self._requests)
+
+    def gated(self, key: Hashable) -> bool:
+        """Whether the request's gate has been read (its last prompt token has run)."""
+        request = self._requests.get(key)
+        return request is not None and request.gated
 
     def p(self, key: Hashable) -> dict[str, float]:
         """The frozen gate values of a request, by bundle it asked for (host sync; for logging and
@@ -184,7 +214,8 @@ class SteeringCore:
         spare = self.capacity
         slots = torch.full((num_tokens,), spare, dtype=torch.long)
         steered = torch.zeros(num_tokens, n_bundles)
-        gate_rows, gate_slots, gate_bundles, question_rows = [], [], [], []
+        gate_rows, gate_slots, gate_bundles, gate_prepass, question_rows = [], [], [], [], []
+        reads: set[tuple[int, bool]] = set()
         for r in rows:
             if r.start < 0 or r.count < 1 or r.start + r.count > num_tokens:
                 raise CrvlmError(f"request {r.key!r}: rows {r.start}..{r.start + r.count - 1} are outside the "
@@ -194,7 +225,7 @@ class SteeringCore:
                 continue
             end = r.position + r.count
             holds_prompt = r.position < r.prompt_length
-            if holds_prompt and (r.position > 0 or end < r.prompt_length):
+            if holds_prompt and request.whole_prompt and (r.position > 0 or end < r.prompt_length):
                 raise CrvlmError(f"request {r.key!r}: its prompt of {r.prompt_length} tokens is split across steps "
                                  f"(this step holds positions {r.position}..{end - 1}); a steered prompt must run in "
                                  "one step, or its first part runs before the gate is read",
@@ -203,14 +234,18 @@ class SteeringCore:
             slots[r.start:r.start + r.count] = request.slot
             positions = torch.arange(r.position, end)
             for i in request.bundles:
-                limit = self.specs[i].decode_steps
-                inside = positions < r.prompt_length + (limit if limit is not None else r.count + r.position)
+                spec = self.specs[i]
+                inside = positions >= (0 if spec.steer_prompt else r.prompt_length)
+                if spec.decode_steps is not None:
+                    inside &= positions < r.prompt_length + spec.decode_steps
                 steered[r.start:r.start + r.count, i] = inside.float()
-            if holds_prompt:
+            if holds_prompt and end >= r.prompt_length:  # the last prompt token is in this step
                 request.gated = True
                 gate_rows.append(r.start + r.prompt_length - 1 - r.position)
                 gate_slots.append(request.slot)
                 gate_bundles.append([i in request.bundles for i in range(n_bundles)])
+                gate_prepass.append(list(request.prepass))
+                reads.update((i, request.prepass[i]) for i in request.bundles)
                 if any(self.gates[i].features == "last+question" for i in request.bundles):
                     question_rows.append(self._question_row(r, num_tokens))
                 else:
@@ -218,13 +253,13 @@ class SteeringCore:
         question = None
         if any(q is not None for q in question_rows):
             question = torch.stack([q if q is not None else torch.zeros(num_tokens) for q in question_rows])
-        prepass = any(self.needs_prepass[i] for flags in gate_bundles for i, on in enumerate(flags) if on)
         self._step = _Step(slots, steered, torch.tensor(gate_rows, dtype=torch.long),
                            torch.tensor(gate_slots, dtype=torch.long),
-                           torch.tensor(gate_bundles, dtype=torch.bool).reshape(-1, n_bundles), question, prepass)
+                           torch.tensor(gate_bundles, dtype=torch.bool).reshape(-1, n_bundles),
+                           torch.tensor(gate_prepass, dtype=torch.bool).reshape(-1, n_bundles), question, reads)
         if gate_slots:
             self._p[torch.tensor(gate_slots)] = 0.0
-        return prepass
+        return self._step.prepass
 
     def _question_row(self, r: Rows, num_tokens: int) -> torch.Tensor:
         if r.prompt_ids is None:
@@ -276,7 +311,7 @@ class SteeringCore:
     def _read_gates(self, layer: int, hidden: torch.Tensor, step: _Step) -> None:
         rows = hidden[step.gate_rows].float()
         for i in self._gate_at[layer]:
-            if self.needs_prepass[i] != self._in_prepass:
+            if (i, self._in_prepass) not in step.reads:
                 continue
             gates = self.gates[i]
             if gates.features == "last+question":
@@ -285,12 +320,14 @@ class SteeringCore:
                 features = torch.cat([rows, step.question @ hidden.float()], dim=1)
             else:
                 features = rows
-            total = step.totals.setdefault(i, torch.zeros(len(step.gate_rows), device=hidden.device))
+            total = step.totals.setdefault((i, self._in_prepass),
+                                           torch.zeros(len(step.gate_rows), device=hidden.device))
             p = gates.read(layer, features, total)
             if p is None:
                 continue
-            p = p.to(hidden.device) * step.gate_bundles[:, i].float()
-            self._p[step.gate_slots, i] = p
+            # this pass's rows of requests that asked for bundle i; the others keep their value
+            mine = step.gate_bundles[:, i] & (step.gate_prepass[:, i] == self._in_prepass)
+            self._p[step.gate_slots, i] = torch.where(mine, p.to(hidden.device), self._p[step.gate_slots, i])
 
 
 
@@ -318,6 +355,8 @@ class RequestResponses:
     def next_token(self, key: Hashable, generated: Sequence[int]) -> int | None:
         """The token this request must produce next, or None to let the model choose."""
         if key not in self._plans:
+            if not self.core.gated(key):
+                return None  # its prompt is still running in chunks: what is sampled now is dropped
             self._plans[key] = self.core.response_plan(key, self.plans)
         plan = self._plans[key]
         if plan is None:

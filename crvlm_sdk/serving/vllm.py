@@ -15,6 +15,11 @@ What is refused rather than served wrongly, each with one line when the engine i
 - chunked prefill: a prompt's first chunks would run before its gate is read;
 - prefix caching: a cached prompt prefix keeps keys and values computed under another
   request's bundles and gate value;
+
+the last two only when a loaded bundle steers the prompt or its gate reads the question's
+tokens. Template bundles, and bundles that steer generated tokens only (``steer_prompt =
+False``), whose gates read the last prompt token leave every prompt's keys and values as the
+unsteered model's, so both stay on.
 Response shaping (forced opening, stop after n sentences, template answers) is applied per
 request by :class:`CrvlmLogitsProcessor`, a vLLM logits processor registered with the engine:
 it asks :class:`~crvlm_sdk.serving.core.RequestResponses` which token each refused request
@@ -62,17 +67,23 @@ def requested_bundles(extra_args: dict[str, Any] | None) -> tuple[str, ...]:
     return tuple(value)
 
 
-def check_engine_config(vllm_config: Any) -> None:
-    """One line for each engine setting that would make steering wrong."""
+def check_engine_config(vllm_config: Any, bundles: Sequence[Bundle] | None = None) -> None:
+    """One line for each engine setting that would make steering ``bundles`` wrong (``None``:
+    bundles not known yet, so every setting that is wrong for some bundle)."""
     if not vllm_config.model_config.enforce_eager:
         raise CrvlmError("vLLM compiles the model unless enforce_eager=True, and compiled graphs skip crvlm's "
                          "hooks", hint="start vLLM with enforce_eager=True (--enforce-eager)")
-    if vllm_config.scheduler_config.enable_chunked_prefill:
-        raise CrvlmError("chunked prefill would run a prompt's first chunks before its gate is read",
-                         hint="start vLLM with enable_chunked_prefill=False (--no-enable-chunked-prefill)")
-    if vllm_config.cache_config.enable_prefix_caching:
-        raise CrvlmError("prefix caching would reuse keys and values computed under another request's bundles",
-                         hint="start vLLM with enable_prefix_caching=False (--no-enable-prefix-caching)")
+    whole = ["any"] if bundles is None else [b.name for b in bundles if b.manifest.needs_whole_prompt]
+    why = ("a bundle may steer the prompt" if bundles is None
+           else f"bundle(s) {whole} steer the prompt or read the question's tokens")
+    if whole and vllm_config.scheduler_config.enable_chunked_prefill:
+        raise CrvlmError(f"chunked prefill would run a prompt's first chunks before its gate is read ({why})",
+                         hint="start vLLM with enable_chunked_prefill=False (--no-enable-chunked-prefill), or "
+                              "serve template bundles (crvlm build-bundle --mode template)")
+    if whole and vllm_config.cache_config.enable_prefix_caching:
+        raise CrvlmError(f"prefix caching would reuse keys and values computed under another request's bundles "
+                         f"({why})", hint="start vLLM with enable_prefix_caching=False (--no-enable-prefix-caching), "
+                                         "or serve template bundles (crvlm build-bundle --mode template)")
     if vllm_config.parallel_config.tensor_parallel_size != 1 or vllm_config.parallel_config.pipeline_parallel_size != 1:
         raise CrvlmError("crvlm steers a model on one device; tensor and pipeline parallelism are not supported",
                          hint="start vLLM with tensor_parallel_size=1 and pipeline_parallel_size=1")
@@ -188,10 +199,10 @@ def _decoder_layers(model: torch.nn.Module) -> Sequence[torch.nn.Module]:
 def prepare(runner: Any, vllm_config: Any, bundle_paths: Sequence[str | Path]) -> VllmSteering:
     """Load and check bundles for one model runner (refusing what would steer wrongly); nothing
     is hooked in yet, so a failed load leaves what is served as it was."""
-    check_engine_config(vllm_config)
     bundles = [Bundle.load(path) for path in bundle_paths]
     if not bundles:
         raise CrvlmError("no bundles to serve", hint="name at least one bundle")
+    check_engine_config(vllm_config, bundles)
     adapter = served_adapter(runner.model_config)
     load_first_layer(adapter, runner.model_config)
     for bundle in bundles:
@@ -442,6 +453,14 @@ ENGINE_SETTINGS: dict[str, Any] = {"enforce_eager": True, "enable_chunked_prefil
                                    "enable_prefix_caching": False}
 
 
+def engine_settings(bundles: Sequence[str | Path]) -> dict[str, Any]:
+    """The settings of :data:`ENGINE_SETTINGS` that ``bundles`` need: bundles that leave every
+    prompt's keys and values alone keep vLLM's chunked prefill and prefix caching."""
+    if any(read_manifest(Path(b) / MANIFEST).needs_whole_prompt for b in bundles):
+        return dict(ENGINE_SETTINGS)
+    return {"enforce_eager": True}
+
+
 def prompt_token_ids(adapter: Any, questions: Sequence[str]) -> list[list[int]]:
     """Each question's prompt as the Steerer tokenizes it (chat template, no padding), for
     ``vllm.inputs.TokensPrompt``: both engines then see exactly the same tokens."""
@@ -465,7 +484,7 @@ def steered_llm(model: str | Path, bundles: Sequence[str | Path], **engine_args:
     from vllm import LLM, SamplingParams
 
     processors = [*engine_args.pop("logits_processors", []), LOGITS_PROCESSOR]
-    settings = {**ENGINE_SETTINGS, **engine_args, "worker_extension_cls": WORKER_EXTENSION,
+    settings = {**engine_settings(bundles), **engine_args, "worker_extension_cls": WORKER_EXTENSION,
                 "logits_processors": processors}
     llm = LLM(str(model), **settings)
     names = load_bundles(llm, bundles)
