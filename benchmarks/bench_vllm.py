@@ -7,9 +7,13 @@ Run (in the vLLM environment, scripts/setup_vllm.sh):
 One vLLM engine (SmolLM2-135M-Instruct in float32, eager, the settings crvlm requires) serves
 the same 32 prompts × 64 new tokens (``ignore_eos``) in four ways, in rotating order each
 round so drift on this shared machine spreads over all of them: with crvlm's hooks removed,
-with two bundles loaded but no request naming one, with every request naming a bundle whose
-gate is read in the same pass (gate layer below its band), and with every request naming one
-whose gate sits above its band (the unsteered gate pre-pass runs on each prompt step). Each
+with four bundles loaded but no request naming one, with every request naming a bundle whose
+gate is read in the same pass (gate layer below its band), with every request naming one
+whose gate sits above its band (the unsteered gate pre-pass runs on each prompt step), and
+with every request naming that bundle with ``steer_prompt = False`` (generated tokens only, so
+the gate is read in the one prompt pass: the flag-less bundles' layout without the pre-pass),
+and with every request naming one that answers refused rows with a template (no steering, so no
+pre-pass either; refused rows' tokens are forced). Each
 way's tokens per second is reported as a ratio to the hook-free run of the same round (median
 and range over rounds).
 """
@@ -46,6 +50,7 @@ def main() -> None:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
+    from crvlm_sdk.bundle.manifest import ResponseSpec
     from crvlm_sdk.models.loading import load_model, save_checkpoint
     from crvlm_sdk.plugins.adapters import adapter_for
     from crvlm_sdk.serving.vllm import EXTRA_ARGS_KEY, prompt_token_ids, steered_llm
@@ -55,7 +60,11 @@ def main() -> None:
     model_dir = save_checkpoint(model, tokenizer, root / "smollm2")
     adapter = adapter_for(model, tokenizer)
     bundles = [make_bundle(adapter, name="a", layers=(6,), gate_layer=22, alpha=8.0, seed=0, decode_steps=8),
-               make_bundle(adapter, name="b", layers=(6,), gate_layer=3, alpha=8.0, seed=1)]
+               make_bundle(adapter, name="b", layers=(6,), gate_layer=3, alpha=8.0, seed=1),
+               make_bundle(adapter, name="c", layers=(6,), gate_layer=22, alpha=8.0, seed=0,
+                           decode_steps=8).replaced(steer_prompt=False),
+               make_bundle(adapter, name="d", layers=(6,), gate_layer=22, alpha=8.0, seed=0).replaced(
+                   response=ResponseSpec(mode="template", message="I'm sorry, but I can only help with testing."))]
     paths = [str(b.save(root / b.name)) for b in bundles]
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_ids(adapter, QUESTIONS)]
     del model
@@ -79,7 +88,9 @@ def main() -> None:
 
     ways = {"no bundle (hooks removed)": unloaded, "bundles loaded, unused": lambda: loaded([]),
             "every request gated (gate in the same pass)": lambda: loaded(["b"]),
-            "every request gated (gate pre-pass)": lambda: loaded(["a"])}
+            "every request gated (gate pre-pass)": lambda: loaded(["a"]),
+            "every request gated (gate above the band, generated tokens only)": lambda: loaded(["c"]),
+            "every request gated (gate at layer 22, template answer)": lambda: loaded(["d"])}
     run([])  # warm-up
     names = list(ways)
     rates: dict[str, list[float]] = {name: [] for name in names}
@@ -94,7 +105,7 @@ def main() -> None:
         summary[name] = {"tokens_per_s": [round(x, 1) for x in rates[name]],
                          "ratio_median": round(statistics.median(ratios), 3),
                          "ratio_range": [round(min(ratios), 3), round(max(ratios), 3)]}
-        print(f"{name:44s} {statistics.median(rates[name]):7.1f} tok/s   ratio {summary[name]['ratio_median']:.3f} "
+        print(f"{name:66s} {statistics.median(rates[name]):7.1f} tok/s   ratio {summary[name]['ratio_median']:.3f} "
               f"[{summary[name]['ratio_range'][0]:.3f}, {summary[name]['ratio_range'][1]:.3f}]")
     result = {"vllm": vllm.__version__, "machine": platform.processor() or platform.machine(),
               "cpus": os.cpu_count(), "requests": len(QUESTIONS), "new_tokens": NEW_TOKENS, "rounds": args.rounds,
