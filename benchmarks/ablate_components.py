@@ -70,6 +70,8 @@ ROOT = Path(__file__).resolve().parents[1]
 POLICIES = ("cooking", "travel", "programming", "shape-qa", "no-stars")
 IMAGE_POLICIES = ("shape-qa", "no-stars", "no-red", "one-shape")
 OUT = ROOT / "benchmarks" / "results" / "ablate_components"
+#: where a ``--limit`` quick check writes (ignored by git)
+QUICK = ROOT / "bench-out" / "ablate_components"
 #: system key → label, in table order; "steer:" systems answer with steering alone
 LABELS = {
     "bundle": "full bundle (default)",
@@ -161,7 +163,8 @@ def built(path: Path, net: torch.nn.Module, processor: Any, backbone: BackboneAd
     return bundle
 
 
-def run_policy(name: str, bundles: Path, model_dir: Path, batch_size: int, limit: int | None = None) -> dict[str, Any]:
+def run_policy(name: str, bundles: Path, model_dir: Path, batch_size: int, limit: int | None = None,
+               out: Path = OUT) -> dict[str, Any]:
     image = name in IMAGE_POLICIES
     policy_path = ROOT / "examples" / "policies" / name / "policy.yaml"
     net, processor = load_model(model_dir if image else "smollm2")
@@ -196,8 +199,8 @@ def run_policy(name: str, bundles: Path, model_dir: Path, batch_size: int, limit
         sample["gate_scores"] = {key: float(s[i]) for key, s in scores.items() if not key.startswith("steer:")}
     judge_report(report, judge="strict", tokenizer=backbone.tokenizer)
     report["deltas"] = deltas(report)
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
 
 
@@ -321,12 +324,17 @@ def plot(reports: list[dict[str, Any]], out: Path) -> None:
     plt.close(fig)
 
 
-def write_tables(reports: list[dict[str, Any]]) -> None:
+def write_tables(reports: list[dict[str, Any]], out: Path = OUT) -> None:
+    """The table and plot beside ``out``; the committed results (``OUT``) also go into RESULTS.md."""
     text = summary(reports) + "\n\n" + table(reports)
-    md = OUT.parent / "ablate_components.md"
+    md = out.parent / "ablate_components.md"
+    md.parent.mkdir(parents=True, exist_ok=True)
     md.write_text("# Component ablations (test split, strict judge)\n\nCommand: `python "
                   "benchmarks/ablate_components.py`; see the script's docstring.\n\n" + text + "\n")
-    plot(reports, OUT.parent / "ablate_components.png")
+    plot(reports, out.parent / "ablate_components.png")
+    if out != OUT:
+        print(f"wrote {md} and {md.with_suffix('.png')}")
+        return
     results = ROOT / "examples" / "policies" / "RESULTS.md"
     write_marked(results, "components", text)
     print(f"wrote {md}, {md.with_suffix('.png')} and the table in {results}")
@@ -338,17 +346,20 @@ def main() -> None:
     parser.add_argument("--bundles", type=Path, default=Path("bundles"), help="flag-less bundles (built if missing)")
     parser.add_argument("--model-dir", type=Path, default=Path("demo-vlm"), help="the demo VLM, for image policies")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--limit", type=int, default=None, help="first N test rows of each scope (quick checks)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help=f"first N test rows of each scope (quick checks; written under {QUICK}, not over the "
+                             "committed results)")
     parser.add_argument("--table-only", action="store_true", help="only rewrite the tables from the JSON files")
     args = parser.parse_args()
     names = [p.strip() for p in args.policies.split(",") if p.strip()]
+    out = OUT if args.limit is None else QUICK
     if not args.table_only:
         for name in names:
             started = time.perf_counter()
-            run_policy(name, args.bundles, args.model_dir, args.batch_size, args.limit)
+            run_policy(name, args.bundles, args.model_dir, args.batch_size, args.limit, out)
             print(f"{name}: {time.perf_counter() - started:.0f} s", flush=True)
-    shown = [json.loads((OUT / f"{p}.json").read_text()) for p in POLICIES if (OUT / f"{p}.json").is_file()]
-    write_tables(shown)
+    shown = [json.loads((out / f"{p}.json").read_text()) for p in POLICIES if (out / f"{p}.json").is_file()]
+    write_tables(shown, out)
 
 
 if __name__ == "__main__":
