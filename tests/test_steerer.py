@@ -94,6 +94,33 @@ def test_gate_above_band_uses_unsteered_prepass(tiny):
     torch.testing.assert_close(steered, _hand_logits(model, adapter, batch, [bundle]), rtol=1e-4, atol=1e-4)
 
 
+def test_a_gate_reads_unsteered_activations_when_its_rows_other_bundle_steers_below_it(tiny):
+    """Neither bundle needs a pre-pass alone; together, b's gate (layer 2) sits above a's band, so
+    rows that select both read it in a pre-pass, and rows that select b alone do not need one."""
+    model, _, adapter = tiny
+    a = make_bundle(adapter, name="a", layers=(1,), gate_layer=0, alpha=3.0, seed=0)
+    b = make_bundle(adapter, name="b", layers=(3,), gate_layer=2, alpha=3.0, seed=1)
+    assert not a.manifest.needs_prepass and not b.manifest.needs_prepass
+    batch = _batch(adapter)
+    n = batch.batch_size
+    calls = [0]
+    counter = model.register_forward_pre_hook(lambda m, args: calls.__setitem__(0, calls[0] + 1))
+    steerer = steerer_for(adapter, a, b)
+    try:
+        cases = (([["a", "b"]] * n, None, 2),
+                 ([["b"]] * n, torch.tensor([[0.0] * n, [1.0] * n]), 1),
+                 ([["a", "b"]] + [["b"]] * (n - 1), torch.tensor([[1.0] + [0.0] * (n - 1), [1.0] * n]), 2))
+        for rows, selection, passes in cases:
+            calls[0] = 0
+            with steerer.apply(rows=rows), torch.no_grad():
+                steered = model(**batch.inputs).logits
+            assert calls[0] == passes
+            expected = _hand_logits(model, adapter, batch, [a, b], selection)
+            torch.testing.assert_close(steered, expected, rtol=1e-4, atol=1e-4)
+    finally:
+        counter.remove()
+
+
 @pytest.mark.parametrize(("gate_layers", "band"), [((0, 1), (2, 3)), ((0, 2), (1,))])
 def test_gate_read_at_several_layers_averages_their_log_odds(tiny, gate_layers, band):
     """In the same pass (gate layers below the band) and through the pre-pass (above it)."""

@@ -9,9 +9,10 @@ How a forward pass is steered (all hooks installed by ``Steerer.apply``, removed
 - at prefill each bundle's gate reads ``h_g`` at that token and writes ``p`` into a
   preallocated buffer with ``copy_``; decoding steps reuse the frozen value. A gate read at
   several layers adds each layer's log-odds into a buffer and writes ``p`` at its last one.
-  If a gate layer sits at or above any steering band, an unsteered *pre-pass* (stopped right
-  after the last gate layer) reads the gate first, so gates always see the model they were
-  trained on;
+  If a gate layer sits at or above a band that steers the prompt of a row reading that gate
+  (a row's activations change only under the bundles selected for it), an unsteered
+  *pre-pass* (stopped right after the last such gate layer) reads the gate first, so gates
+  always see the model they were trained on;
 - every layer of a bundle's band adds ``scale[b] · v_l`` where ``scale = α·p·row_mask``;
 - a bundle whose manifest sets ``decode_steps = k`` steers the prompt and the first ``k``
   generated tokens only, then its ``scale`` is zeroed in place. On small models a push strong
@@ -68,7 +69,8 @@ class LoadedBundle:
     gate: LayerGates
     gate_device: torch.device
     vectors: dict[int, torch.Tensor] = field(default_factory=dict)  # α·v_l on layer's device/dtype
-    in_pass_gate: bool = True
+    #: whether this call reads the gate in the pre-pass (decided per call at prefill)
+    prepass_now: bool = False
     #: response settings in force for the current ``apply()`` block
     response: ResponseSpec = field(default_factory=ResponseSpec)
     # Per-row buffers, reallocated only when the batch size changes.
@@ -122,7 +124,7 @@ class SteeringRuntime:
             raise CrvlmError("a gate reads the question's tokens, but the Steerer was given no way to find them")
         self.state = PassState()
         self._placed_for: tuple[tuple[torch.device, torch.dtype], ...] | None = None
-        self._prepass_stop = -1
+        self._prepass_stop = -1  # last gate layer read in this call's pre-pass (-1: no pre-pass)
         self.place()
 
     # -- placement ------------------------------------------------------------------------
@@ -135,9 +137,6 @@ class SteeringRuntime:
             self._place_on(placement)
 
     def _place_on(self, placement: tuple[tuple[torch.device, torch.dtype], ...]) -> None:
-        # layers whose prompt activations some bundle changes
-        steered = {layer for item in self.loaded if item.bundle.manifest.steer_prompt
-                   for layer in item.bundle.manifest.layers}
         for item in self.loaded:
             m = item.bundle.manifest
             gate_device, _ = placement[m.gate.layers[-1]]
@@ -147,8 +146,6 @@ class SteeringRuntime:
                 layer: (m.alpha * vec).to(device=placement[layer][0], dtype=placement[layer][1])
                 for layer, vec in item.bundle.vectors.items()
             }
-            # any bundle's steering may change what another bundle's gate reads
-            item.in_pass_gate = not steered or not gate_needs_prepass(m.gate.layers, steered)
             item.p = item.log_odds = item.row_mask = item.scale = None
         self._placed_for = placement
 
@@ -164,8 +161,6 @@ class SteeringRuntime:
                 continue  # template answers need the gate only
             for layer in item.bundle.manifest.layers:
                 band_layers.setdefault(layer, []).append(item)
-        prepass_items = [item for item in self.loaded if not item.in_pass_gate]
-        self._prepass_stop = max((i.gate.last_layer for i in prepass_items), default=-1)
         for layer in sorted(set(gate_layers) | set(band_layers)):
             specs.append(
                 HookSpec(self._layers[layer], self._make_layer_hook(layer, gate_layers.get(layer, []),
@@ -175,21 +170,20 @@ class SteeringRuntime:
 
     def _make_layer_hook(self, layer: int, gates: list[LoadedBundle], band: list[LoadedBundle]):
         state = self.state
-        in_pass = [g for g in gates if g.in_pass_gate]
-        pre = [g for g in gates if not g.in_pass_gate]
-        stop_here = layer == self._prepass_stop
-
         def hook(module: torch.nn.Module, args: tuple, output: Any) -> Any:
             if not state.active:
                 return None  # paused (an unsteered call inside apply())
             if state.in_prepass:
+                pre = [g for g in gates if g.prepass_now]
                 if pre:
                     self._read_gates(pre, layer, layer_hidden(output))
-                if stop_here:
+                if layer == self._prepass_stop:
                     raise StopForward
                 return None
-            if state.prefill and in_pass:
-                self._read_gates(in_pass, layer, layer_hidden(output))
+            if state.prefill and gates:
+                in_pass = [g for g in gates if not g.prepass_now]
+                if in_pass:
+                    self._read_gates(in_pass, layer, layer_hidden(output))
             if not band:
                 return None
             h = layer_hidden(output)
@@ -252,9 +246,27 @@ class SteeringRuntime:
                 raise CrvlmError("a gate that reads the question's tokens needs input_ids, not inputs_embeds")
             state.question = self._question_span(ids, kwargs.get("attention_mask"), state.last_index)  # type: ignore[misc]
         self._prepare_buffers(batch)
+        self._decide_prepass()
         if self._prepass_stop >= 0:
             self._run_prepass(module, args, kwargs)
         return None
+
+    def _decide_prepass(self) -> None:
+        """Which gates this call reads in the pre-pass: a gate needs it when, on some row that
+        reads it, a bundle selected for that row steers the prompt at or below a layer the gate
+        reads (rows do not see each other's activations). Host-side, from the CPU selection."""
+        steers = [item.response.steers and item.bundle.manifest.steer_prompt for item in self.loaded]
+        selection = self.state.selection
+        groups = {tuple(range(len(self.loaded)))} if selection is None else \
+            {tuple(i for i in range(len(self.loaded)) if float(row[i]) > 0) for row in selection.t()}
+        for item in self.loaded:
+            item.prepass_now = False
+        for group in groups:
+            steered = {layer for i in group if steers[i] for layer in self.loaded[i].bundle.manifest.layers}
+            for i in group:
+                if steered and gate_needs_prepass(self.loaded[i].gate.layers, steered):
+                    self.loaded[i].prepass_now = True
+        self._prepass_stop = max((item.gate.last_layer for item in self.loaded if item.prepass_now), default=-1)
 
     def _limit_decode_steps(self, seq_len: int, device: torch.device) -> None:
         """Stop steering bundles with ``decode_steps`` once that many decoding steps have run.
