@@ -34,6 +34,14 @@ def gate_needs_prepass(gate_layers: Sequence[int], steered_layers: Iterable[int]
     return max(gate_layers) >= min(steered_layers)
 
 
+def gates_needing_prepass(gate_layers: Sequence[Sequence[int]], prompt_layers: Iterable[Iterable[int]]) -> list[bool]:
+    """For bundles applied to the same rows (gate layers and prompt-steered layers of each, in
+    order): which gates must be read in the pre-pass. Rows never see each other's activations,
+    so callers group bundles by the rows (requests) that select them together."""
+    steered = set().union(*prompt_layers)
+    return [bool(steered) and gate_needs_prepass(layers, steered) for layers in gate_layers]
+
+
 class BundleWarning(UserWarning):
     """A bundle loads, but something about it deserves attention (e.g. unknown keys)."""
 
@@ -192,6 +200,18 @@ class Manifest(BaseModel):
             raise ValueError("`steer_prompt` false with `decode_steps` 0 steers no token")
         return self
 
+    def prompt_layers(self, response: ResponseSpec | None = None) -> frozenset[int]:
+        """The layers at which this bundle changes a prompt's activations under ``response``
+        (default: its own): none when it answers with a template or leaves the prompt alone."""
+        steers = (response or self.response).steers and self.steer_prompt
+        return frozenset(self.layers) if steers else frozenset()
+
+    def steered_span(self, prompt_length: int) -> tuple[int, int | None]:
+        """Token positions this bundle steers, ``[first, end)`` (``end`` None: to the end of the
+        answer); the Steerer and the serving core both count them this way."""
+        first = 0 if self.steer_prompt else prompt_length
+        return first, None if self.decode_steps is None else prompt_length + self.decode_steps
+
     def steered_tokens(self) -> str:
         """Which tokens are steered, in words (for inspect, build summaries and model cards)."""
         generated = "every generated token" if self.decode_steps is None else f"{self.decode_steps} generated tokens"
@@ -205,7 +225,7 @@ class Manifest(BaseModel):
         from cached keys and values: its steering changes the prompt's activations, or its gate
         reads every question token. Otherwise only the last prompt token matters (chunked
         prefill and prefix caching are safe)."""
-        return (self.steer_prompt and self.response.steers) or self.gate.features == "last+question"
+        return bool(self.prompt_layers()) or self.gate.features == "last+question"
 
     @property
     def needs_prepass(self) -> bool:

@@ -33,7 +33,7 @@ import torch
 from crvlm_sdk.activations.capture import question_weights
 from crvlm_sdk.bundle.artifact import Bundle
 from crvlm_sdk.bundle.gates import LayerGates
-from crvlm_sdk.bundle.manifest import gate_needs_prepass
+from crvlm_sdk.bundle.manifest import gates_needing_prepass
 from crvlm_sdk.errors import CrvlmError
 from crvlm_sdk.plugins.manager import PluginManager
 from crvlm_sdk.steering.operators import steer
@@ -126,13 +126,10 @@ class SteeringCore:
         self._skip = set(skip_ids)
         #: whether some gate reads the question's tokens (then prompts need their ``prompt_ids``)
         self.reads_question = any(g.features == "last+question" for g in self.gates)
-        #: per bundle, the layers at which it changes the prompt's activations
-        self._prompt_layers = [frozenset(m.layers) if m.response.steers and m.steer_prompt else frozenset()
-                               for m in self.specs]
-        steered_layers = set().union(*self._prompt_layers)
         #: bundles whose gate may need an unsteered pre-pass: some request may pair it with a
         #: bundle that steers the prompt at or below a layer it reads
-        self.needs_prepass = [bool(steered_layers) and gate_needs_prepass(g.layers, steered_layers) for g in self.gates]
+        self.needs_prepass = gates_needing_prepass([g.layers for g in self.gates],
+                                                   [m.prompt_layers() for m in self.specs])
         self.prepass_stop = max((g.last_layer for g, pre in zip(self.gates, self.needs_prepass, strict=True) if pre),
                                 default=-1)
         self._vectors: dict[int, list[tuple[int, torch.Tensor]]] = {}
@@ -165,9 +162,10 @@ class SteeringCore:
         indices = tuple(self.names.index(n) for n in rows.bundles)
         whole = any(self.specs[i].needs_whole_prompt for i in indices)
         # a request's rows attend only to its own tokens: only its own bundles change what its gates read
-        steered = set().union(*(self._prompt_layers[i] for i in indices))
-        prepass = tuple(i in indices and bool(steered) and gate_needs_prepass(self.gates[i].layers, steered)
-                        for i in range(len(self.names)))
+        flags = dict(zip(indices, gates_needing_prepass([self.gates[i].layers for i in indices],
+                                                        [self.specs[i].prompt_layers() for i in indices]),
+                         strict=True))
+        prepass = tuple(flags.get(i, False) for i in range(len(self.names)))
         request = _Request(self._free.pop(), indices, rows.prompt_length, whole_prompt=whole, prepass=prepass)
         self._requests[rows.key] = request
         return request
@@ -234,10 +232,10 @@ class SteeringCore:
             slots[r.start:r.start + r.count] = request.slot
             positions = torch.arange(r.position, end)
             for i in request.bundles:
-                spec = self.specs[i]
-                inside = positions >= (0 if spec.steer_prompt else r.prompt_length)
-                if spec.decode_steps is not None:
-                    inside &= positions < r.prompt_length + spec.decode_steps
+                first, stop = self.specs[i].steered_span(r.prompt_length)
+                inside = positions >= first
+                if stop is not None:
+                    inside &= positions < stop
                 steered[r.start:r.start + r.count, i] = inside.float()
             if holds_prompt and end >= r.prompt_length:  # the last prompt token is in this step
                 request.gated = True

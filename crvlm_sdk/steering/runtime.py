@@ -54,7 +54,7 @@ from crvlm_sdk.activations.hooks import (
 )
 from crvlm_sdk.bundle.artifact import Bundle
 from crvlm_sdk.bundle.gates import LayerGates
-from crvlm_sdk.bundle.manifest import ResponseSpec, gate_needs_prepass
+from crvlm_sdk.bundle.manifest import ResponseSpec, gates_needing_prepass
 from crvlm_sdk.errors import CrvlmError
 from crvlm_sdk.steering.operators import steer
 
@@ -255,17 +255,17 @@ class SteeringRuntime:
         """Which gates this call reads in the pre-pass: a gate needs it when, on some row that
         reads it, a bundle selected for that row steers the prompt at or below a layer the gate
         reads (rows do not see each other's activations). Host-side, from the CPU selection."""
-        steers = [item.response.steers and item.bundle.manifest.steer_prompt for item in self.loaded]
         selection = self.state.selection
         groups = {tuple(range(len(self.loaded)))} if selection is None else \
             {tuple(i for i in range(len(self.loaded)) if float(row[i]) > 0) for row in selection.t()}
         for item in self.loaded:
             item.prepass_now = False
         for group in groups:
-            steered = {layer for i in group if steers[i] for layer in self.loaded[i].bundle.manifest.layers}
-            for i in group:
-                if steered and gate_needs_prepass(self.loaded[i].gate.layers, steered):
-                    self.loaded[i].prepass_now = True
+            items = [self.loaded[i] for i in group]
+            flags = gates_needing_prepass([item.gate.layers for item in items],
+                                          [item.bundle.manifest.prompt_layers(item.response) for item in items])
+            for item, needed in zip(items, flags, strict=True):
+                item.prepass_now |= needed
         self._prepass_stop = max((item.gate.last_layer for item in self.loaded if item.prepass_now), default=-1)
 
     def _limit_decode_steps(self, seq_len: int, device: torch.device) -> None:
@@ -280,9 +280,7 @@ class SteeringRuntime:
         total = state.prefill_len + state.step  # one new token per step, as in generate
         start = total - seq_len
         for item in self.loaded:
-            m = item.bundle.manifest
-            first = 0 if m.steer_prompt else state.prefill_len  # positions < first are not steered
-            end = None if m.decode_steps is None else state.prefill_len + m.decode_steps  # nor >= end
+            first, end = item.bundle.manifest.steered_span(state.prefill_len)  # positions steered: [first, end)
             if end is not None and start >= end:
                 item.token_mask = None
                 item.scale.zero_()  # in place: a compiled decoding step keeps reading this buffer
