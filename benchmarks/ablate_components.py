@@ -70,6 +70,7 @@ ROOT = Path(__file__).resolve().parents[1]
 POLICIES = ("cooking", "travel", "programming", "shape-qa", "no-stars")
 IMAGE_POLICIES = ("shape-qa", "no-stars", "no-red", "one-shape")
 OUT = ROOT / "benchmarks" / "results" / "ablate_components"
+NEW_TOKENS = 48
 #: where a ``--limit`` quick check writes (ignored by git)
 QUICK = ROOT / "bench-out" / "ablate_components"
 #: system key → label, in table order; "steer:" systems answer with steering alone
@@ -180,27 +181,35 @@ def run_policy(name: str, bundles: Path, model_dir: Path, batch_size: int, limit
         name="steer-mean-diff-swept")
     info["mean_diff_swept"] = chosen_candidate(swept).label()
     info["variants_s"] = round(time.perf_counter() - started, 1)
-    steerer = Steerer(backbone, list(systems_bundles.values()))
     rows = data.test if limit is None else [s for s in data.test if s.meta["in_scope"]][:limit] + \
         [s for s in data.test if not s.meta["in_scope"]][:limit]
+    settings = {"policy": name, "max_new_tokens": NEW_TOKENS, "response": full.manifest.response.model_dump(),
+                "gate": f"{full.manifest.gate.type}@{','.join(map(str, full.manifest.gate.layers))}", **info}
+    report = compare_systems(backbone, rows, image, systems_bundles, batch_size, settings)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def compare_systems(backbone: BackboneAdapter, rows: list[Any], image: bool, systems_bundles: dict[str, Bundle],
+                    batch_size: int, settings: dict[str, Any]) -> dict[str, Any]:
+    """Every system (key → bundle; ``bundle`` is the reference, ``steer:`` keys answer with
+    steering alone) and the unsteered model answer the same rows in one batched ``generate``,
+    greedy, :data:`NEW_TOKENS` new tokens; the report is judged strictly, with deltas."""
+    steerer = Steerer(backbone, list(systems_bundles.values()))
     images = [s.image for s in rows] if image else None
     gate_scores = steerer.gate_scores([s.question for s in rows], images, batch_size=batch_size)
     scores = {key: gate_scores[b.name] for key, b in systems_bundles.items()}
     systems = [System(key, b.name) for key, b in systems_bundles.items()] + [System("none")]
     started = time.perf_counter()
-    answers = run_systems(steerer, rows, systems, batch_size=batch_size, max_new_tokens=48)
-    info["generate_s"] = round(time.perf_counter() - started, 1)
+    answers = run_systems(steerer, rows, systems, batch_size=batch_size, max_new_tokens=NEW_TOKENS)
     report = {"bundle": {}, "baselines": {s.name: {} for s in systems if s.name != "bundle"},
               "samples": report_samples(rows, scores["bundle"], answers),
-              "settings": {"policy": name, "max_new_tokens": 48, "response": full.manifest.response.model_dump(),
-                           "gate": f"{full.manifest.gate.type}@{','.join(map(str, full.manifest.gate.layers))}",
-                           **info}}
+              "settings": {**settings, "generate_s": round(time.perf_counter() - started, 1)}}
     for i, sample in enumerate(report["samples"]):
         sample["gate_scores"] = {key: float(s[i]) for key, s in scores.items() if not key.startswith("steer:")}
     judge_report(report, judge="strict", tokenizer=backbone.tokenizer)
     report["deltas"] = deltas(report)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
 
 

@@ -31,11 +31,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ablate_components import IMAGE_POLICIES, POLICIES, _rate, built, deltas  # benchmarks/ is on sys.path
+from ablate_components import (  # benchmarks/ is on sys.path
+    IMAGE_POLICIES,
+    NEW_TOKENS,
+    POLICIES,
+    _rate,
+    built,
+    compare_systems,
+)
 
 from crvlm_sdk.build.options import BuildOptions
 from crvlm_sdk.bundle.artifact import Bundle
-from crvlm_sdk.evaluation.evaluate import System, ablation, judge_report, report_samples, run_systems
+from crvlm_sdk.evaluation.evaluate import ablation
 from crvlm_sdk.models.loading import load_model
 from crvlm_sdk.plugins.adapters import adapter_for
 from crvlm_sdk.policy import Policy
@@ -50,7 +57,6 @@ LABELS = {
     "steer:generated-only": "steering alone: generated tokens only",
     "none": "unsteered",
 }
-NEW_TOKENS = 48
 
 
 def systems_of(full: Bundle) -> dict[str, Bundle]:
@@ -91,22 +97,11 @@ def run_policy(name: str, bundles: Path, model_dir: Path, batch_size: int, round
     data = pol.load_data()
     full = built(bundles / name, net, processor, backbone, pol, BuildOptions())
     variants = systems_of(full)
-    steerer = Steerer(backbone, list(variants.values()))
     rows = list(data.test)
-    images = [s.image for s in rows] if image else None
-    scores = steerer.gate_scores([s.question for s in rows], images, batch_size=batch_size)[full.name]
-    systems = [System(key, b.name) for key, b in variants.items()] + [System("none")]
-    started = time.perf_counter()
-    answers = run_systems(steerer, rows, systems, batch_size=batch_size, max_new_tokens=NEW_TOKENS)
-    report: dict[str, Any] = {
-        "bundle": {}, "baselines": {s.name: {} for s in systems if s.name != "bundle"},
-        "samples": report_samples(rows, scores, answers),
-        "settings": {"policy": name, "max_new_tokens": NEW_TOKENS, "response": full.manifest.response.model_dump(),
-                     "layers": full.manifest.layers, "gate_layers": full.manifest.gate.layers,
-                     "decode_steps": full.manifest.decode_steps, "generate_s": round(time.perf_counter() - started, 1)},
-    }
-    judge_report(report, judge="strict", tokenizer=backbone.tokenizer)
-    report["deltas"] = deltas(report)
+    settings = {"policy": name, "max_new_tokens": NEW_TOKENS, "response": full.manifest.response.model_dump(),
+                "layers": full.manifest.layers, "gate_layers": full.manifest.gate.layers,
+                "decode_steps": full.manifest.decode_steps}
+    report = compare_systems(backbone, rows, image, variants, batch_size, settings)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
     timed = [s for s in rows if s.meta["in_scope"]][:32] + [s for s in rows if not s.meta["in_scope"]][:32]
