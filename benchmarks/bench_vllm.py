@@ -5,17 +5,25 @@ Run (in the vLLM environment, scripts/setup_vllm.sh):
     VLLM_ENABLE_V1_MULTIPROCESSING=0 .venv-vllm/bin/python benchmarks/bench_vllm.py [--rounds 4]
 
 One vLLM engine (SmolLM2-135M-Instruct in float32, eager, the settings crvlm requires) serves
-the same 32 prompts × 64 new tokens (``ignore_eos``) in four ways, in rotating order each
-round so drift on this shared machine spreads over all of them: with crvlm's hooks removed,
-with four bundles loaded but no request naming one, with every request naming a bundle whose
-gate is read in the same pass (gate layer below its band), with every request naming one
-whose gate sits above its band (the unsteered gate pre-pass runs on each prompt step), and
-with every request naming that bundle with ``steer_prompt = False`` (generated tokens only, so
-the gate is read in the one prompt pass: the flag-less bundles' layout without the pre-pass),
-and with every request naming one that answers refused rows with a template (no steering, so no
-pre-pass either; refused rows' tokens are forced). Each
-way's tokens per second is reported as a ratio to the hook-free run of the same round (median
-and range over rounds).
+the same 32 prompts × 64 new tokens (``ignore_eos``) in seven ways, in rotating order each
+round so drift on this shared machine spreads over all of them:
+
+- with crvlm's hooks removed (the baseline);
+- with four bundles loaded but no request naming one;
+- every request naming a bundle whose gate is read in the same pass (gate layer below its band);
+- every request naming one whose gate sits above its band, the default bundles' layout: the
+  unsteered gate pre-pass runs on each prompt step, and the steered pass reuses its layers up
+  to the band;
+- the same with those layers computed twice (as before that reuse);
+- that bundle with ``steer_prompt = False`` (generated tokens only, so the gate is read in the
+  one prompt pass);
+- one that answers refused rows with a template (no steering, so no pre-pass either; refused
+  rows' tokens are forced).
+
+Each way's tokens per second is reported as a ratio to the hook-free run of the same round
+(median and range over rounds). A hook-free run that stops after one token gives the share of the time
+spent on prompts, and from it the most an exact pre-pass can reach: the gate's layers above the
+band must run over each prompt twice, unsteered for the gate and steered for the answer.
 """
 
 from __future__ import annotations
@@ -37,6 +45,13 @@ QUESTIONS = ["What is the capital of France?", "How do I boil an egg?", "Explain
              "Write a short poem about the sea.", "What are three tips for learning a language?",
              "How does a bicycle gear work?", "Name five fruits that are red.", "Why is the sky blue?"] * 4
 NEW_TOKENS = 64
+#: the layout of the default bundles: gate read above a one-layer band, so the gate pre-pass runs
+PREPASS_BAND, PREPASS_GATE = 6, 22
+
+
+def _set_replay(worker: object, on: bool) -> None:
+    """Run in the vLLM worker: whether the steered pass reuses the pre-pass's layers below the band."""
+    worker._crvlm.replay_shared = on  # type: ignore[attr-defined]
 
 
 def main() -> None:
@@ -59,7 +74,9 @@ def main() -> None:
     model, tokenizer = load_model("smollm2")
     model_dir = save_checkpoint(model, tokenizer, root / "smollm2")
     adapter = adapter_for(model, tokenizer)
-    bundles = [make_bundle(adapter, name="a", layers=(6,), gate_layer=22, alpha=8.0, seed=0, decode_steps=8),
+    model_layers = adapter.num_layers
+    bundles = [make_bundle(adapter, name="a", layers=(PREPASS_BAND,), gate_layer=PREPASS_GATE, alpha=8.0, seed=0,
+                           decode_steps=8),
                make_bundle(adapter, name="b", layers=(6,), gate_layer=3, alpha=8.0, seed=1),
                make_bundle(adapter, name="c", layers=(6,), gate_layer=22, alpha=8.0, seed=0,
                            decode_steps=8).replaced(steer_prompt=False),
@@ -70,25 +87,31 @@ def main() -> None:
     del model
     llm = steered_llm(model_dir, paths, dtype="float32", max_model_len=512, gpu_memory_utilization=0.3, seed=0)
 
-    def run(names: list[str]) -> float:
-        params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True,
+    def timed(names: list[str], new_tokens: int) -> tuple[float, int]:
+        params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True,
                                 extra_args={EXTRA_ARGS_KEY: names})
         started = time.perf_counter()
         outputs = llm.generate(prompts, params, use_tqdm=False)
-        elapsed = time.perf_counter() - started
-        return sum(len(o.outputs[0].token_ids) for o in outputs) / elapsed
+        return time.perf_counter() - started, sum(len(o.outputs[0].token_ids) for o in outputs)
+
+    def run(names: list[str]) -> float:
+        elapsed, tokens = timed(names, NEW_TOKENS)
+        return tokens / elapsed
 
     def unloaded() -> float:
         llm.collective_rpc("crvlm_unload")
         return run([])
 
-    def loaded(names: list[str]) -> float:
+    def loaded(names: list[str], replay_shared: bool = True) -> float:
         llm.collective_rpc("crvlm_load", args=(paths,))
+        llm.collective_rpc(_set_replay, args=(replay_shared,))
         return run(names)
 
     ways = {"no bundle (hooks removed)": unloaded, "bundles loaded, unused": lambda: loaded([]),
             "every request gated (gate in the same pass)": lambda: loaded(["b"]),
             "every request gated (gate pre-pass)": lambda: loaded(["a"]),
+            "every request gated (gate pre-pass, layers below the band computed twice)":
+                lambda: loaded(["a"], replay_shared=False),
             "every request gated (gate above the band, generated tokens only)": lambda: loaded(["c"]),
             "every request gated (gate at layer 22, template answer)": lambda: loaded(["d"])}
     run([])  # warm-up
@@ -98,6 +121,10 @@ def main() -> None:
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
             rates[name].append(ways[name]())
+    # the share of a hook-free run spent on the prompts (a run that stops after one token)
+    llm.collective_rpc("crvlm_unload")
+    shares = [timed([], 1)[0] / (NEW_TOKENS * len(QUESTIONS) / rate) for rate in rates[names[0]]]
+    prefill_share = statistics.median(shares)
     base = rates[names[0]]
     summary = {}
     for name in names:
@@ -107,9 +134,16 @@ def main() -> None:
                          "ratio_range": [round(min(ratios), 3), round(max(ratios), 3)]}
         print(f"{name:66s} {statistics.median(rates[name]):7.1f} tok/s   ratio {summary[name]['ratio_median']:.3f} "
               f"[{summary[name]['ratio_range'][0]:.3f}, {summary[name]['ratio_range'][1]:.3f}]")
+    # no exact pre-pass can avoid running the gate's layers above the band twice over each prompt
+    # (unsteered for the gate, steered for the answer): layers 7..22 of 30 here
+    twice = (PREPASS_GATE - PREPASS_BAND) / model_layers
+    bound = 1 / (1 + prefill_share * twice)
+    print(f"prompt share of a hook-free run: {prefill_share:.3f}; an exact pre-pass can reach at most ≈ {bound:.3f} "
+          f"(layers {PREPASS_BAND + 1}..{PREPASS_GATE} of {model_layers} run twice over each prompt)")
     result = {"vllm": vllm.__version__, "machine": platform.processor() or platform.machine(),
               "cpus": os.cpu_count(), "requests": len(QUESTIONS), "new_tokens": NEW_TOKENS, "rounds": args.rounds,
-              "results": summary}
+              "prompt_share": round(prefill_share, 3), "prompt_shares": [round(x, 3) for x in shares],
+              "prepass_bound": round(bound, 3), "results": summary}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
 

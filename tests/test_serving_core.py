@@ -125,6 +125,7 @@ def test_gates_read_in_the_same_pass_per_request_selection_and_step_limits(tiny_
     b = make_bundle(adapter, name="b", layers=(2,), gate_layer=0, alpha=8.0, seed=1, decode_steps=2)
     engine = _same_as_steerer(adapter, [a, b], [["a"], ["a", "b"], [], ["b"]])
     assert engine.prepasses == 0
+    assert engine.core.prepass_shared == -1  # no pre-pass, so no layer to share with it
 
 
 def test_gates_above_the_band_are_read_in_a_prepass_rotation_included(tiny_llama):
@@ -134,6 +135,7 @@ def test_gates_above_the_band_are_read_in_a_prepass_rotation_included(tiny_llama
     b = make_bundle(adapter, name="b", layers=(1,), gate_layer=0, alpha=8.0, seed=2, decode_steps=3)
     engine = _same_as_steerer(adapter, [a, b], [["a", "b"], ["a"], ["b"], []])
     assert engine.prepasses == 1  # the prompt step only
+    assert engine.core.prepass_shared == 0  # the lowest band layer: its raw output is the same in both passes
 
 
 def test_bundles_that_leave_the_prompt_alone_need_no_prepass(tiny_llama):

@@ -64,13 +64,28 @@ def _vllm_texts(adapter, llm, questions, selections, new_tokens=NEW_TOKENS):
 
 
 def test_each_request_gets_the_steerers_tokens_in_one_batch(served):
-    adapter, steerer, llm, _ = served
+    adapter, steerer, llm, root = served
     expected = steerer.generate(QUESTIONS, rows=SELECTIONS, max_new_tokens=NEW_TOKENS)
     plain = steerer.generate(QUESTIONS, steer=False, max_new_tokens=NEW_TOKENS)
     changed = [e != p for e, p in zip(expected, plain, strict=True)]
     # a (gate in the same pass) changes the last answer, b (gate in a pre-pass) the first and fourth
     assert changed == [True, True, False, True, True], "the bundles must change opted-in answers, and only those"
+    replayed = llm.collective_rpc("crvlm_replayed")[0]
     assert _vllm_texts(adapter, llm, QUESTIONS, SELECTIONS) == expected
+    # b's pre-pass ran, and the steered pass took layers 0..6 (a's gate at 3, a's band at 6) from it
+    assert llm.collective_rpc("crvlm_replayed")[0] > replayed
+    assert llm.collective_rpc(_wrapped_layers) == [list(range(7))]
+    llm.collective_rpc("crvlm_unload")
+    assert llm.collective_rpc(_wrapped_layers) == [[]], "unloading must give the layers their own forward back"
+    assert _vllm_texts(adapter, llm, QUESTIONS[:2], [[]] * 2) == steerer.generate(QUESTIONS[:2], steer=False,
+                                                                                   max_new_tokens=NEW_TOKENS)
+    llm.collective_rpc("crvlm_load", args=([str(root / "a"), str(root / "b")],))
+
+
+def _wrapped_layers(worker) -> list[int]:
+    """Run in the vLLM worker: the decoder layers whose forward is replaced on the instance."""
+    layers = worker.model_runner.get_model().model.layers
+    return [i for i, layer in enumerate(layers) if "forward" in vars(layer)]
 
 
 def test_unsteered_requests_are_vllms_own_answers(served):

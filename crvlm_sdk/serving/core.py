@@ -143,6 +143,11 @@ class SteeringCore:
                 self._gate_at.setdefault(layer, []).append(i)
         #: decoder layers whose output the engine must pass through :meth:`layer_output`
         self.layers = sorted(set(self._vectors) | set(self._gate_at))
+        #: nothing is steered below the lowest band layer, and that layer's own output is steered
+        #: only after it is computed: layers ``0 .. prepass_shared`` compute the same in the
+        #: pre-pass and the steered pass, so an engine may keep their outputs from the pre-pass
+        #: instead of computing them twice (-1: no pre-pass)
+        self.prepass_shared = min(self._vectors) if self._vectors and any(self.needs_prepass) else -1
         self.capacity = capacity
         self._requests: dict[Hashable, _Request] = {}
         self._free = list(range(capacity - 1, -1, -1))

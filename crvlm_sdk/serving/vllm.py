@@ -20,6 +20,9 @@ the last two only when a loaded bundle steers the prompt or its gate reads the q
 tokens. Template bundles, and bundles that steer generated tokens only (``steer_prompt =
 False``), whose gates read the last prompt token leave every prompt's keys and values as the
 unsteered model's, so both stay on.
+The pre-pass runs the prompt unsteered up to the last layer a gate reads. Nothing is steered
+below the lowest band layer, so the steered pass does not compute those layers again: it takes
+their outputs from the pre-pass, whose keys and values for them are already the right ones.
 Response shaping (forced opening, stop after n sentences, template answers) is applied per
 request by :class:`CrvlmLogitsProcessor`, a vLLM logits processor registered with the engine:
 it asks :class:`~crvlm_sdk.serving.core.RequestResponses` which token each refused request
@@ -110,17 +113,57 @@ class VllmSteering:
         self.recorded: dict[tuple[int, ...], dict[str, float]] = {}
         self._prompts_now: list[tuple[Hashable, tuple[int, ...]]] = []
         self._handles: list[Any] = []
+        #: layers up to the lowest band layer compute the same in the pre-pass and the steered
+        #: pass: the pre-pass keeps the raw outputs the steered pass's hooks read (the last shared
+        #: layer's, and any hooked layer's below it), and the steered pass replays them
+        shared = core.prepass_shared
+        self._kept_layers = {layer for layer in core.layers if layer <= shared} | ({shared} if shared >= 0 else set())
+        self._kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._replaying = False
+        #: False computes the shared layers twice, as before this reuse existed (for comparison)
+        self.replay_shared = True
+        self.replayed = 0  # steered passes that reused the pre-pass's shared layers (tests check it)
+        self._wrapped: list[tuple[torch.nn.Module, Any]] = []  # (layer, the instance forward it had, if any)
 
     def install(self) -> None:
         self._handles.append(self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
         self._handles.append(self.model.register_forward_hook(self._post_forward))
         for layer in self.core.layers:
             self._handles.append(self.layers[layer].register_forward_hook(self._layer_hook(layer)))
+        for index in range(self.core.prepass_shared + 1):
+            module = self.layers[index]
+            self._wrapped.append((module, vars(module).get("forward")))
+            module.forward = self._shared_forward(index, module.forward)  # an instance attribute, undone by remove()
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for module, previous in reversed(self._wrapped):
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous
+        self._wrapped.clear()
+
+    def _shared_forward(self, index: int, forward: Any) -> Any:
+        kept = index in self._kept_layers
+
+        def shared(*args: Any, **kwargs: Any) -> Any:
+            if self._replaying:
+                # the pre-pass ran this layer on the same inputs and wrote its keys and values; a
+                # layer below the last kept one hands its inputs on (the next one ignores them)
+                if kept:
+                    return self._kept[index]
+                return (args[1] if len(args) > 1 else kwargs["hidden_states"],
+                        args[2] if len(args) > 2 else kwargs.get("residual"))
+            out = forward(*args, **kwargs)
+            if self._inside and kept and self.replay_shared:
+                # copies: the next layer's fused add-norm may update its inputs in place
+                self._kept[index] = (out[0].clone(), out[1].clone())
+            return out
+
+        return shared
 
     def _layout(self, num_tokens: int) -> list[Rows]:
         batch = self.runner.input_batch
@@ -153,6 +196,8 @@ class VllmSteering:
             return
         positions = kwargs.get("positions")
         num_tokens = int(positions.shape[-1]) if positions is not None else int(kwargs["input_ids"].shape[0])
+        self._replaying = False
+        self._kept.clear()
         needs_prepass = self.core.begin_step(self._layout(num_tokens), num_tokens)
         self.forwards += 1
         if needs_prepass:
@@ -164,10 +209,15 @@ class VllmSteering:
                 pass
             finally:
                 self._inside = False
+            # the shared layers' keys and values are written and their outputs kept: skip them
+            self._replaying = self.replay_shared and bool(self._kept_layers) and self._kept_layers <= set(self._kept)
+            self.replayed += self._replaying
 
     def _post_forward(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
         if self._inside:
             return
+        self._replaying = False
+        self._kept.clear()
         for key, prompt_ids in self._prompts_now:
             self.recorded[prompt_ids] = self.core.p(key)
         self._prompts_now = []
@@ -292,6 +342,11 @@ class CrvlmWorkerExtension:
     def crvlm_forwards(self) -> int:
         steering = getattr(self, "_crvlm", None)
         return 0 if steering is None else steering.forwards
+
+    def crvlm_replayed(self) -> int:
+        """Steered passes so far that reused the pre-pass's outputs of the layers below the band."""
+        steering = getattr(self, "_crvlm", None)
+        return 0 if steering is None else steering.replayed
 
 
 def served_adapter(model_config: Any) -> Any:
