@@ -3,7 +3,7 @@
 Run (in the vLLM environment, after building the bundles with the flag-less command):
 
     VLLM_ENABLE_V1_MULTIPROCESSING=0 .venv-vllm/bin/python benchmarks/vllm_parity_real.py \
-        --policies cooking,travel [--per-policy 30]
+        --policies cooking,travel,programming [--per-policy 30]
 
 The default bundles use everything the vLLM integration has to get right at once: the rotation
 operator, gates read above the band (the unsteered pre-pass), a forced opening and a stop after
