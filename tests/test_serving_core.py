@@ -229,13 +229,15 @@ def _engine_config(**changes):
     ({"pp": 2}, "tensor and pipeline"),
     ({"spec": object()}, "speculative decoding"),
 ])
-def test_vllm_settings_that_would_steer_wrongly_are_refused(change, message):
-    """Checked without vLLM: the engine settings crvlm's vLLM worker refuses at load."""
+def test_vllm_settings_that_would_steer_wrongly_are_refused(tiny_llama, change, message):
+    """Checked without vLLM: the engine settings crvlm's vLLM worker refuses at load for a bundle
+    that steers the prompt (as the flag-less ones do)."""
     from crvlm_sdk.serving.vllm import check_engine_config
 
-    check_engine_config(_engine_config())
+    bundles = [make_bundle(tiny_llama[2], name="on")]
+    check_engine_config(_engine_config(), bundles)
     with pytest.raises(CrvlmError, match=message):
-        check_engine_config(_engine_config(**change))
+        check_engine_config(_engine_config(**change), bundles)
 
 
 def test_chunked_prefill_and_prefix_caching_stay_on_for_bundles_that_leave_prompts_alone(tiny_llama):

@@ -70,15 +70,13 @@ def requested_bundles(extra_args: dict[str, Any] | None) -> tuple[str, ...]:
     return tuple(value)
 
 
-def check_engine_config(vllm_config: Any, bundles: Sequence[Bundle] | None = None) -> None:
-    """One line for each engine setting that would make steering ``bundles`` wrong (``None``:
-    bundles not known yet, so every setting that is wrong for some bundle)."""
+def check_engine_config(vllm_config: Any, bundles: Sequence[Bundle]) -> None:
+    """One line for each engine setting that would make steering ``bundles`` wrong."""
     if not vllm_config.model_config.enforce_eager:
         raise CrvlmError("vLLM compiles the model unless enforce_eager=True, and compiled graphs skip crvlm's "
                          "hooks", hint="start vLLM with enforce_eager=True (--enforce-eager)")
-    whole = ["any"] if bundles is None else [b.name for b in bundles if b.manifest.needs_whole_prompt]
-    why = ("a bundle may steer the prompt" if bundles is None
-           else f"bundle(s) {whole} steer the prompt or read the question's tokens")
+    whole = [b.name for b in bundles if b.manifest.needs_whole_prompt]
+    why = f"bundle(s) {whole} steer the prompt or read the question's tokens"
     if whole and vllm_config.scheduler_config.enable_chunked_prefill:
         raise CrvlmError(f"chunked prefill would run a prompt's first chunks before its gate is read ({why})",
                          hint="start vLLM with enable_chunked_prefill=False (--no-enable-chunked-prefill), or "
