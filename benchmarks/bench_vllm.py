@@ -57,6 +57,8 @@ def _set_replay(worker: object, on: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS,
+                        help="tokens per answer: longer answers shrink the prompts' share of the time")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_vllm.json")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -95,7 +97,7 @@ def main() -> None:
         return time.perf_counter() - started, sum(len(o.outputs[0].token_ids) for o in outputs)
 
     def run(names: list[str]) -> float:
-        elapsed, tokens = timed(names, NEW_TOKENS)
+        elapsed, tokens = timed(names, args.new_tokens)
         return tokens / elapsed
 
     def unloaded() -> float:
@@ -123,7 +125,7 @@ def main() -> None:
             rates[name].append(ways[name]())
     # the share of a hook-free run spent on the prompts (a run that stops after one token)
     llm.collective_rpc("crvlm_unload")
-    shares = [timed([], 1)[0] / (NEW_TOKENS * len(QUESTIONS) / rate) for rate in rates[names[0]]]
+    shares = [timed([], 1)[0] / (args.new_tokens * len(QUESTIONS) / rate) for rate in rates[names[0]]]
     prefill_share = statistics.median(shares)
     base = rates[names[0]]
     summary = {}
@@ -141,7 +143,7 @@ def main() -> None:
     print(f"prompt share of a hook-free run: {prefill_share:.3f}; an exact pre-pass can reach at most ≈ {bound:.3f} "
           f"(layers {PREPASS_BAND + 1}..{PREPASS_GATE} of {model_layers} run twice over each prompt)")
     result = {"vllm": vllm.__version__, "machine": platform.processor() or platform.machine(),
-              "cpus": os.cpu_count(), "requests": len(QUESTIONS), "new_tokens": NEW_TOKENS, "rounds": args.rounds,
+              "cpus": os.cpu_count(), "requests": len(QUESTIONS), "new_tokens": args.new_tokens, "rounds": args.rounds,
               "prompt_share": round(prefill_share, 3), "prompt_shares": [round(x, 3) for x in shares],
               "prepass_bound": round(bound, 3), "results": summary}
     args.out.parent.mkdir(parents=True, exist_ok=True)
