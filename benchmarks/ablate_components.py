@@ -3,7 +3,8 @@ example policies (test split).
 
     python benchmarks/ablate_components.py                    # the five example policies
     python benchmarks/ablate_components.py --policies cooking --bundles bundles
-    python benchmarks/ablate_components.py --table-only       # rewrite tables and plot from the JSON
+    python benchmarks/ablate_components.py --table-only       # rewrite tables and plot from the JSON,
+                                                              # its answers judged again
 
 For each policy the flag-less bundle (``crvlm build-bundle --policy P``; reused from
 ``--bundles`` if it is there, built otherwise) is taken apart one component at a time. Every
@@ -333,6 +334,19 @@ def plot(reports: list[dict[str, Any]], out: Path) -> None:
     plt.close(fig)
 
 
+def rejudged(path: Path) -> dict[str, Any]:
+    """A stored report judged again by the current strict judge, with its deltas; the file is
+    rewritten when a verdict changed (a judge that improves needs no new answers)."""
+    report = json.loads(path.read_text())
+    before = [dict(s.get("refused", {})) for s in report["samples"]]
+    judge_report(report, judge="strict")
+    report["deltas"] = deltas(report)
+    if [s["refused"] for s in report["samples"]] != before:
+        path.write_text(json.dumps(report, indent=1) + "\n")
+        print(f"{path}: verdicts changed with the current judge; rewritten")
+    return report
+
+
 def write_tables(reports: list[dict[str, Any]], out: Path = OUT) -> None:
     """The table and plot beside ``out``; the committed results (``OUT``) also go into RESULTS.md."""
     text = summary(reports) + "\n\n" + table(reports)
@@ -358,7 +372,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None,
                         help=f"first N test rows of each scope (quick checks; written under {QUICK}, not over the "
                              "committed results)")
-    parser.add_argument("--table-only", action="store_true", help="only rewrite the tables from the JSON files")
+    parser.add_argument("--table-only", action="store_true",
+                        help="only rewrite the tables from the JSON files (their answers judged again)")
     args = parser.parse_args()
     names = [p.strip() for p in args.policies.split(",") if p.strip()]
     out = OUT if args.limit is None else QUICK
@@ -367,7 +382,8 @@ def main() -> None:
             started = time.perf_counter()
             run_policy(name, args.bundles, args.model_dir, args.batch_size, args.limit, out)
             print(f"{name}: {time.perf_counter() - started:.0f} s", flush=True)
-    shown = [json.loads((out / f"{p}.json").read_text()) for p in POLICIES if (out / f"{p}.json").is_file()]
+    shown = [rejudged(out / f"{p}.json") if args.table_only else json.loads((out / f"{p}.json").read_text())
+             for p in POLICIES if (out / f"{p}.json").is_file()]
     write_tables(shown, out)
 
 

@@ -38,6 +38,7 @@ from ablate_components import (  # benchmarks/ is on sys.path
     _rate,
     built,
     compare_systems,
+    rejudged,
 )
 
 from crvlm_sdk.build.options import BuildOptions
@@ -145,11 +146,12 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=ROOT / "demo-vlm", help="the demo VLM, for image policies")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--table-only", action="store_true", help="rewrite the table from the JSON files")
+    parser.add_argument("--table-only", action="store_true",
+                        help="rewrite the table from the JSON files (their answers judged again)")
     args = parser.parse_args()
     names = args.policies.split(",")
     if args.table_only:
-        reports = [json.loads((OUT / f"{n}.json").read_text()) for n in names]
+        reports = [rejudged(OUT / f"{n}.json") for n in names]
     else:
         reports = [run_policy(n, args.bundles, args.model, args.batch_size, args.rounds) for n in names]
     text = ("# Steering the prompt or only generated tokens (test split, strict judge)\n\n"
