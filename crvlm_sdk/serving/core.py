@@ -36,7 +36,7 @@ from crvlm_sdk.bundle.gates import LayerGates
 from crvlm_sdk.bundle.manifest import gates_needing_prepass
 from crvlm_sdk.errors import CrvlmError
 from crvlm_sdk.plugins.manager import PluginManager
-from crvlm_sdk.steering.operators import steer
+from crvlm_sdk.steering.operators import in_span, steer
 from crvlm_sdk.steering.response import RowPlan
 
 
@@ -237,11 +237,8 @@ class SteeringCore:
             slots[r.start:r.start + r.count] = request.slot
             positions = torch.arange(r.position, end)
             for i in request.bundles:
-                first, stop = self.specs[i].steered_span(r.prompt_length)
-                inside = positions >= first
-                if stop is not None:
-                    inside &= positions < stop
-                steered[r.start:r.start + r.count, i] = inside.float()
+                span = self.specs[i].steered_span(r.prompt_length)
+                steered[r.start:r.start + r.count, i] = in_span(positions, span).float()
             if holds_prompt and end >= r.prompt_length:  # the last prompt token is in this step
                 request.gated = True
                 gate_rows.append(r.start + r.prompt_length - 1 - r.position)

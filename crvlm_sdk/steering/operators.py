@@ -21,3 +21,14 @@ def steer(h: torch.Tensor, scale: torch.Tensor, vector: torch.Tensor, operator: 
     norm_h = h.float().norm(dim=-1, keepdim=True)
     norm_m = moved.float().norm(dim=-1, keepdim=True).clamp_min(1e-6)
     return (moved.float() * (norm_h / norm_m)).to(h.dtype)
+
+
+def in_span(positions: torch.Tensor, span: tuple[int, int | None]) -> torch.Tensor:
+    """Which token ``positions`` a bundle steers, given its ``Manifest.steered_span``
+    ``[first, end)`` (``end`` None: to the end of the answer); the Steerer and the serving core
+    must mask the same tokens."""
+    first, end = span
+    inside = positions >= first
+    if end is not None:
+        inside &= positions < end
+    return inside

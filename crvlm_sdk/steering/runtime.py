@@ -56,7 +56,7 @@ from crvlm_sdk.bundle.artifact import Bundle
 from crvlm_sdk.bundle.gates import LayerGates
 from crvlm_sdk.bundle.manifest import ResponseSpec, gates_needing_prepass
 from crvlm_sdk.errors import CrvlmError
-from crvlm_sdk.steering.operators import steer
+from crvlm_sdk.steering.operators import in_span, steer
 
 _CACHE_KWARGS = ("cache", "past_key_values", "cache_position")
 
@@ -286,10 +286,7 @@ class SteeringRuntime:
                 item.scale.zero_()  # in place: a compiled decoding step keeps reading this buffer
             elif start < first or (end is not None and total > end):
                 positions = torch.arange(start, total, device=device)
-                keep = positions >= first
-                if end is not None:
-                    keep &= positions < end
-                item.token_mask = keep.float().view(1, -1, 1)
+                item.token_mask = in_span(positions, (first, end)).float().view(1, -1, 1)
             else:
                 item.token_mask = None
 
