@@ -538,11 +538,12 @@ def serve(
     from crvlm_sdk.bundle.artifact import Bundle
     from crvlm_sdk.serving.vllm import BUNDLES_ENV, LOGITS_PROCESSOR, engine_settings
 
-    names = [Bundle.load(path).name for path in bundle]
+    loaded = [Bundle.load(path) for path in bundle]
+    names = [b.name for b in loaded]
     if len(set(names)) != len(names):
         raise CrvlmError(f"two bundles share a policy name in {names}; requests choose bundles by name")
     flags = [f"--{key.replace('_', '-')}" if on else f"--no-{key.replace('_', '-')}"
-             for key, on in engine_settings(bundle).items()]
+             for key, on in engine_settings([b.manifest for b in loaded]).items()]
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
                *flags, "--logits-processors", LOGITS_PROCESSOR, *ctx.args]
     env_value = os.pathsep.join(str(p.resolve()) for p in bundle)

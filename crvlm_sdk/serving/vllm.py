@@ -41,7 +41,7 @@ import torch
 
 from crvlm_sdk.activations.hooks import StopForward
 from crvlm_sdk.bundle.artifact import Bundle
-from crvlm_sdk.bundle.manifest import MANIFEST, read_manifest
+from crvlm_sdk.bundle.manifest import MANIFEST, Manifest, read_manifest
 from crvlm_sdk.errors import CrvlmError
 from crvlm_sdk.serving.core import RequestResponses, Rows, SteeringCore
 from crvlm_sdk.steering.response import RowPlan, end_of_sequence_id, sentence_end_ids
@@ -114,8 +114,7 @@ class VllmSteering:
         #: layers up to the lowest band layer compute the same in the pre-pass and the steered
         #: pass: the pre-pass keeps the raw outputs the steered pass's hooks read (the last shared
         #: layer's, and any hooked layer's below it), and the steered pass replays them
-        shared = core.prepass_shared
-        self._kept_layers = {layer for layer in core.layers if layer <= shared} | ({shared} if shared >= 0 else set())
+        self._kept_layers = {layer for layer in core.layers if layer <= core.prepass_shared}  # the shared one is hooked
         self._kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._replaying = False
         #: False computes the shared layers twice, as before this reuse existed (for comparison)
@@ -506,10 +505,10 @@ ENGINE_SETTINGS: dict[str, Any] = {"enforce_eager": True, "enable_chunked_prefil
                                    "enable_prefix_caching": False}
 
 
-def engine_settings(bundles: Sequence[str | Path]) -> dict[str, Any]:
-    """The settings of :data:`ENGINE_SETTINGS` that ``bundles`` need: bundles that leave every
-    prompt's keys and values alone keep vLLM's chunked prefill and prefix caching."""
-    if any(read_manifest(Path(b) / MANIFEST).needs_whole_prompt for b in bundles):
+def engine_settings(manifests: Sequence[Manifest]) -> dict[str, Any]:
+    """The settings of :data:`ENGINE_SETTINGS` that bundles with these manifests need: bundles
+    that leave every prompt's keys and values alone keep vLLM's chunked prefill and prefix caching."""
+    if any(m.needs_whole_prompt for m in manifests):
         return dict(ENGINE_SETTINGS)
     return {"enforce_eager": True}
 
@@ -537,7 +536,8 @@ def steered_llm(model: str | Path, bundles: Sequence[str | Path], **engine_args:
     from vllm import LLM, SamplingParams
 
     processors = [*engine_args.pop("logits_processors", []), LOGITS_PROCESSOR]
-    settings = {**engine_settings(bundles), **engine_args, "worker_extension_cls": WORKER_EXTENSION,
+    manifests = [read_manifest(Path(b) / MANIFEST) for b in bundles]
+    settings = {**engine_settings(manifests), **engine_args, "worker_extension_cls": WORKER_EXTENSION,
                 "logits_processors": processors}
     llm = LLM(str(model), **settings)
     names = load_bundles(llm, bundles)
