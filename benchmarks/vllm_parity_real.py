@@ -3,7 +3,7 @@
 Run (in the vLLM environment, after building the bundles with the flag-less command):
 
     VLLM_ENABLE_V1_MULTIPROCESSING=0 .venv-vllm/bin/python benchmarks/vllm_parity_real.py \
-        --policies cooking,travel,programming [--per-policy 30]
+        [--policies cooking,travel,programming] [--per-policy 30] [--template]
 
 The default bundles use everything the vLLM integration has to get right at once: the rotation
 operator, gates read above the band (the unsteered pre-pass), a forced opening and a stop after
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--policies", default="cooking,travel")
+    parser.add_argument("--policies", default="cooking,travel,programming")
     parser.add_argument("--bundles", type=Path, default=ROOT / "bundles")
     parser.add_argument("--per-policy", type=int, default=30)
     parser.add_argument("--template", action="store_true",
