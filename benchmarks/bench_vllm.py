@@ -2,7 +2,7 @@
 
 Run (in the vLLM environment, scripts/setup_vllm.sh):
 
-    VLLM_ENABLE_V1_MULTIPROCESSING=0 .venv-vllm/bin/python benchmarks/bench_vllm.py [--rounds 4]
+    VLLM_ENABLE_V1_MULTIPROCESSING=0 .venv-vllm/bin/python benchmarks/bench_vllm.py [--rounds 8] [--new-tokens 64]
 
 One vLLM engine (SmolLM2-135M-Instruct in float32, eager, the settings crvlm requires) serves
 the same 32 prompts × 64 new tokens (``ignore_eos``) in seven ways, in rotating order each
@@ -56,7 +56,7 @@ def _set_replay(worker: object, on: bool) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS,
                         help="tokens per answer: longer answers shrink the prompts' share of the time")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_vllm.json")
